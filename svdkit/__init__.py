@@ -1,0 +1,22 @@
+"""svdkit: spectral (SVD-based) adaptation of pretrained PyTorch models.
+
+    model, tok = svdkit.load_model("default")
+    svdkit.adapt(model, svdkit.PiSSA(rank=16))
+    ...train...
+    svdkit.export_peft(model, "out/peft")
+"""
+
+__version__ = "0.1.0"
+
+from .api import adapt, merge, regularization, unadapt  # noqa: E402
+from .config import AdapterConfig, config, config_from_dict, methods, register  # noqa: E402
+from .export import export_peft  # noqa: E402
+from .zoo import LoRA, MiLoRA, PiSSA  # noqa: E402
+from .models import load_model  # noqa: E402
+from .saving import AdapterFormatError, FingerprintMismatch, load_adapter, save_adapter  # noqa: E402
+
+__all__ = [
+    "AdapterConfig", "AdapterFormatError", "FingerprintMismatch", "LoRA", "MiLoRA", "PiSSA",
+    "adapt", "config", "config_from_dict", "export_peft", "load_adapter", "load_model", "merge",
+    "methods", "register", "regularization", "save_adapter", "unadapt",
+]

@@ -1,0 +1,188 @@
+"""adapt / unadapt / merge / regularization: swapping target linears for adapted layers, in place."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .fingerprint import tensor_fingerprint
+from .layers import SpectralLinear, weight_matrix
+from .linalg import check_matrix
+from .targets import select_targets
+
+# Same-shaped weights are decomposed in one batched call on accelerators (fewer kernel launches), up to
+# ~128 MB of fp32. On the CPU LAPACK works matrix by matrix anyway, so layers go one at a time (no copy).
+MAX_BATCH_ELEMENTS = 1 << 25
+
+
+@dataclass
+class AdaptState:
+    """What svdkit keeps on an adapted model (as ``model._svdkit``)."""
+
+    config: AdapterConfig
+    module_configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # flags before adapt, restored after
+
+
+def state(model: nn.Module) -> AdaptState:
+    st = getattr(model, "_svdkit", None)
+    if st is None:
+        raise ValueError("this model is not adapted by svdkit: call svdkit.adapt(model, cfg) or svdkit.load_adapter first.")
+    return st
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralLinear):
+            yield name, module
+
+
+def _check_not_adapted(model: nn.Module) -> None:
+    if getattr(model, "_svdkit", None) is not None or any(True for _ in adapted_layers(model)):
+        raise ValueError("this model is already adapted; call svdkit.merge(model) or svdkit.unadapt(model) first.")
+
+
+def _plan(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module, AdapterConfig]]:
+    """Targets with their per-module configs, validated before any work is done."""
+    plan = []
+    for name, module in select_targets(model, cfg.targets, cfg.exclude):
+        mcfg = cfg.for_module(name)
+        W = weight_matrix(module)
+        if not torch.is_floating_point(W):
+            check_matrix(W, name)  # raises, naming the module
+        m, n = W.shape
+        if mcfg.rank >= min(m, n):
+            raise ValueError(
+                f"rank {mcfg.rank} is too large for {name} (weight {m}×{n}): it must be < min(out, in) = "
+                f"{min(m, n)}. Lower the rank, exclude the module, or set overrides={{{name.rsplit('.', 1)[-1]!r}: "
+                f"{{'rank': {min(m, n) // 2}}}}}."
+            )
+        plan.append((name, module, mcfg))
+    return plan
+
+
+def _batches(plan):
+    """Chunks of same-shaped, same-config modules (so one batched SVD call serves them all)."""
+    groups: dict[tuple, list] = {}
+    for item in plan:
+        name, module, mcfg = item
+        W = weight_matrix(module)
+        key = (json.dumps(mcfg.to_dict(), sort_keys=True), tuple(W.shape), W.dtype, W.device)
+        groups.setdefault(key, []).append(item)
+    for (_, _, _, device), items in groups.items():
+        per = 1 if device.type == "cpu" else max(1, MAX_BATCH_ELEMENTS // weight_matrix(items[0][1]).numel())
+        for start in range(0, len(items), per):
+            yield items[start : start + per]
+
+
+def _check_finite(weights: torch.Tensor, names: list[str]) -> None:
+    """One reduction per matrix; NaN/Inf anywhere makes its sum non-finite (then name the layer)."""
+    sums = weights.sum(dim=(-2, -1), dtype=torch.float64)
+    for name, total, W in zip(names, sums.tolist(), weights):
+        if not math.isfinite(total):
+            check_matrix(W, name)
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", disable=(None if enabled is None else not enabled))
+
+
+def adapt(
+    model: nn.Module, cfg: AdapterConfig, calibration=None, *, progress: bool | None = None
+) -> nn.Module:
+    """Swap every target linear of ``model`` for a :class:`SpectralLinear` initialized by ``cfg``.
+
+    All targets are validated and initialized before the first swap, so an error leaves the model
+    untouched. Every non-adapter parameter is frozen (flags are restored by ``unadapt``/``merge``).
+    ``progress``: None shows a bar on a terminal only.
+    """
+    if not isinstance(cfg, AdapterConfig):
+        raise TypeError(f"expected a method config such as svdkit.PiSSA(rank=16), got {type(cfg).__name__}.")
+    _check_not_adapted(model)
+    if calibration is not None and not getattr(cfg, "uses_calibration", False):
+        raise ValueError(f"{type(cfg).__name__} does not use calibration statistics; drop the calibration argument.")
+    plan = _plan(model, cfg)
+    layers: dict[str, SpectralLinear] = {}
+    with torch.no_grad(), _progress(len(plan), f"svdkit {cfg.name} init", progress) as bar:
+        for chunk in _batches(plan):
+            names = [name for name, _, _ in chunk]
+            mcfg = chunk[0][2]
+            weights = torch.stack([weight_matrix(module).detach() for _, module, _ in chunk])
+            _check_finite(weights, names)
+            init = mcfg.initialize(weights, names, calibration)
+            for i, (name, module, _) in enumerate(chunk):
+                A, B = init.A[i], init.B[i]
+                layers[name] = SpectralLinear(
+                    module, A, B,
+                    A0=A if init.subtract else None, B0=B if init.subtract else None,
+                    scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
+                    fingerprint=tensor_fingerprint(weight_matrix(module)),
+                )  # fmt: skip
+            bar.update(len(chunk))
+    install(model, cfg, layers)
+    return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def install(model: nn.Module, cfg: AdapterConfig, layers: dict[str, SpectralLinear]) -> None:
+    """Put adapted layers in place, freeze everything else, and record the state (adapt and load)."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, layer in layers.items():
+        layer.fold_base()
+        _replace(model, name, layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(False)
+    for layer in layers.values():
+        for key in layer.trainable:
+            getattr(layer, f"lora_{key}").requires_grad_(True)
+    model._svdkit = AdaptState(cfg, {name: cfg.for_module(name) for name in layers}, flags)
+
+
+def _leave(model: nn.Module, how: str) -> nn.Module:
+    st = state(model)
+    for name, layer in list(adapted_layers(model)):
+        _replace(model, name, layer.merged() if how == "merge" else layer.restored())
+    for name, param in model.named_parameters():
+        param.requires_grad_(st.requires_grad.get(name, param.requires_grad))
+    del model._svdkit
+    return model
+
+
+def unadapt(model: nn.Module) -> nn.Module:
+    """Remove every adapter and put the original modules back (weights bit-exact unless ``fold``)."""
+    return _leave(model, "unadapt")
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its module's weight; the model then has only plain linears.
+
+    W' = W + s·(B A − B₀ A₀), computed in the adapter dtype and stored in the weight's dtype.
+    """
+    with torch.no_grad():
+        return _leave(model, "merge")
+
+
+def regularization(model: nn.Module) -> torch.Tensor:
+    """Sum of the methods' regularizers over all adapted layers (a zero tensor if there are none)."""
+    st = state(model)
+    total = None
+    for name, layer in adapted_layers(model):
+        term = st.module_configs[name].regularizer(layer)
+        if term is not None:
+            total = term if total is None else total + term
+    if total is None:
+        param = next(model.parameters(), None)
+        total = torch.zeros((), device=param.device if param is not None else None)
+    return total

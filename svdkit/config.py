@@ -1,0 +1,186 @@
+"""Method configs (frozen dataclasses), their JSON form, and the registry of methods.
+
+A method is one config class registered with :func:`register`. Its fields are the user-facing
+options; its ``initialize`` turns a batch of same-shaped weights into adapter factors (see
+:class:`svdkit.layers.Init`). Configs serialize to JSON with ``_type`` (the method name) and
+``_version`` and read back equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .layers import Init
+
+CONFIG_VERSION = 1
+_REGISTRY: dict[str, type["AdapterConfig"]] = {}
+# Fields a per-module override may change (everything that is about one layer, not about selection).
+_OVERRIDABLE = {"rank", "alpha", "svd", "niter", "oversample", "seed", "dropout", "use_rslora", "fold"}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Options every method shares.
+
+    rank:        adapter rank r (per module: must be < min(out, in)).
+    alpha:       scaling numerator; ``None`` means alpha = rank. s = alpha/r, or alpha/√r with ``use_rslora``.
+    targets:     a preset (``"all-linear"``, ``"attention"``, ``"mlp"``) or regex(es) searched in module names.
+    exclude:     regex of module names to leave alone.
+    svd:         ``"exact"`` (LAPACK) or ``"randomized"`` (seeded, oversampled, power iterations).
+    niter, oversample: randomized-SVD power iterations and extra sketch columns.
+    seed:        base seed; each layer draws from ``layer_seed(seed, module_name)``.
+    dropout:     dropout on the adapter's input (training only).
+    fold:        ``False`` keeps the original weight untouched and subtracts the frozen initial factors
+                 in the forward; ``True`` replaces the weight by the residual (faster, approximate unadapt).
+    compute_dtype: ``"float32"`` or ``"float64"`` for the decomposition, whatever the storage dtype.
+    overrides:   ``{regex: {field: value}}`` applied, in order, to modules whose name matches.
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    targets: str | tuple[str, ...] = "all-linear"
+    exclude: str | None = None
+    svd: str = "exact"
+    niter: int = 4
+    oversample: int = 8
+    seed: int = 0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    fold: bool = False
+    compute_dtype: str = "float32"
+    overrides: dict = field(default_factory=dict)
+
+    # Filled in by each method class; shown by `svdkit methods`.
+    name: ClassVar[str] = ""
+    basis: ClassVar[str] = ""
+    trains: ClassVar[str] = ""
+    params: ClassVar[str] = ""
+    export_rank: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"{cls}: rank must be a positive integer, got {self.rank!r}.")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"{cls}: alpha must be a positive number or None (= rank), got {self.alpha!r}.")
+        if self.svd not in ("exact", "randomized"):
+            raise ValueError(f"{cls}: svd must be 'exact' or 'randomized', got {self.svd!r}.")
+        if self.niter < 0 or self.oversample < 0:
+            raise ValueError(f"{cls}: niter and oversample must be >= 0, got {self.niter}, {self.oversample}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{cls}: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"{cls}: compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}.")
+        for pattern in _as_tuple(self.targets) + ((self.exclude,) if self.exclude else ()):
+            _compile(pattern, cls)
+        for pattern, values in self.overrides.items():
+            _compile(pattern, cls)
+            bad = set(values) - _OVERRIDABLE
+            if bad:
+                raise ValueError(
+                    f"{cls}: override {pattern!r} sets {sorted(bad)}, which cannot vary per module; "
+                    f"overridable fields: {sorted(_OVERRIDABLE)}."
+                )
+
+    # -- derived values ---------------------------------------------------------------------------
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r, or alpha / √r with rsLoRA (https://arxiv.org/abs/2312.03732)."""
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.compute_dtype]
+
+    def for_module(self, module_name: str) -> "AdapterConfig":
+        """This config with every override whose regex is found in ``module_name`` applied."""
+        changes: dict[str, Any] = {}
+        for pattern, values in self.overrides.items():
+            if re.search(pattern, module_name):
+                changes.update(values)
+        return dataclasses.replace(self, **changes) if changes else self
+
+    # -- the method hook ----------------------------------------------------------------------------
+    def initialize(self, weights: torch.Tensor, names: Sequence[str], calibration=None) -> "Init":
+        """Adapter factors for a batch of same-shaped weights ``(b, m, n)`` named ``names``."""
+        raise NotImplementedError(f"{type(self).__name__} does not define initialize().")
+
+    def regularizer(self, layer) -> torch.Tensor | None:
+        """This method's extra loss for one adapted layer, or None (the default)."""
+        return None
+
+    # -- JSON ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"_type": self.name, "_version": CONFIG_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _as_tuple(targets: str | Sequence[str]) -> tuple[str, ...]:
+    return (targets,) if isinstance(targets, str) else tuple(targets)
+
+
+def _compile(pattern: str, owner: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{owner}: {pattern!r} is not a valid regular expression ({exc}).") from None
+
+
+# -- the registry -----------------------------------------------------------------------------------
+def register(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config class available by its ``name`` (``svdkit.config(name)``)."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method class {cls.__name__} needs a unique, non-empty `name` (got {cls.name!r}).")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[AdapterConfig]:
+    key = name.lower().replace("_", "-")
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {name!r}.{hint} Available: {', '.join(methods())}.")
+    return _REGISTRY[key]
+
+
+def config(name: str, **options: Any) -> AdapterConfig:
+    """The config of method ``name`` with ``options``: ``svdkit.config("pissa", rank=16)``."""
+    cls = method_class(name)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - valid
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no option(s) {sorted(unknown)}; valid options: {sorted(valid)}.")
+    return cls(**options)
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Inverse of :meth:`AdapterConfig.to_dict`."""
+    data = dict(data)
+    if "_type" not in data:
+        raise ValueError("config dict has no '_type' field; it was not written by svdkit.")
+    version = data.pop("_version", CONFIG_VERSION)
+    if version > CONFIG_VERSION:
+        raise ValueError(f"config version {version} is newer than this svdkit understands ({CONFIG_VERSION}); upgrade svdkit.")
+    return config(data.pop("_type"), **data)

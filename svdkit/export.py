@@ -1,0 +1,85 @@
+"""export_peft: a standard PEFT LoRA adapter, relative to the *original* base weights.
+
+PEFT (and vLLM, TGI) compute y = W x + (α'/r')·B' A' x. svdkit's update relative to the original W is
+ΔW = s·(B A − B₀ A₀), an exact LoRA of rank 2r: A' = [A; A₀], B' = [B, −B₀] (METHODS.md §0). When one
+factor is frozen it is exactly rank r: (B − B₀) A or B (A − A₀). α' is chosen so that α'/r' = s
+(α'/√r' = s under rsLoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .api import adapted_layers, state
+from .files import atomic_dir
+from .layers import SpectralLinear
+
+
+def lora_factors(layer: SpectralLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A', lora_B') with s·B' A' = the layer's ΔW relative to its original weight."""
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    if layer.init_A is None:
+        return A, B
+    A0, B0 = layer.init_A, layer.init_B
+    if "A" not in layer.trainable:
+        return A, B - B0
+    if "B" not in layer.trainable:
+        return A - A0, B
+    return torch.cat([A, A0], 0), torch.cat([B, -B0], 1)
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained``
+    loads onto the original base model, reproducing the adapted model's outputs (dropout aside)."""
+    from safetensors.torch import save_file
+
+    cfg = state(model).config
+    tensors, ranks, alphas, conv1d = {}, {}, {}, False
+    for name, layer in adapted_layers(model):
+        A, B = lora_factors(layer)
+        r = A.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.cpu().contiguous()
+        ranks[name] = r
+        alphas[name] = layer.scaling * (math.sqrt(r) if cfg.use_rslora else r)
+        conv1d = conv1d or layer.fan_in_fan_out
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = cfg.scaling * (math.sqrt(rank) if cfg.use_rslora else rank)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        "use_rslora": cfg.use_rslora,
+        "fan_in_fan_out": conv1d,
+        "lora_dropout": cfg.dropout,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    with atomic_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
+    return Path(path)

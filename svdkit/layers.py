@@ -1,0 +1,165 @@
+"""The adapted-layer type shared by every method.
+
+    y = x W₀ᵀ + b + s·B A·drop(x) − s·B₀ A₀·x          (default, base weight untouched)
+    y = x W_resᵀ + b + s·B A·drop(x),  W_res = W₀ − s·B₀A₀   (``fold=True``)
+
+A (r × in) is the input-side factor and B (out × r) the output side, as PEFT's ``lora_A``/``lora_B``.
+Methods differ only in how A and B are initialized and which of them train; the frozen copies
+B₀, A₀ exist only for methods whose initial update is non-zero (PiSSA, MiLoRA, …), so that the
+adapted model computes exactly the original function at init without touching the original weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .targets import is_conv1d
+
+FACTORS = ("A", "B")
+
+
+@dataclass
+class Init:
+    """What a method's ``initialize`` returns for a batch of b same-shaped layers."""
+
+    A: Tensor  # (b, r, n) input side
+    B: Tensor  # (b, m, r) output side
+    trainable: frozenset = field(default_factory=lambda: frozenset(FACTORS))
+    subtract: bool = True  # B·A ≠ 0 at init: keep B₀, A₀ so that the init preserves the function
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The module's weight as an (out × in) matrix (a transposed view for GPT-2's Conv1D)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adapters of half-precision bases train in fp32 (as PEFT's autocast_adapter_dtype)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class SpectralLinear(nn.Module):
+    """A linear (or Conv1D) layer with a low-rank spectral adapter.
+
+    Holds the base module's own ``weight`` and ``bias`` Parameters (so their state-dict keys do not
+    change) and keeps the base module object to put back on :func:`svdkit.unadapt`/``merge``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        A: Tensor,
+        B: Tensor,
+        *,
+        scaling: float,
+        A0: Tensor | None = None,
+        B0: Tensor | None = None,
+        trainable: frozenset = frozenset(FACTORS),
+        fold: bool = False,
+        dropout: float = 0.0,
+        fingerprint: str = "",
+    ):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # not a child: its tensors are ours while adapted
+        self.fan_in_fan_out = is_conv1d(base)
+        W = weight_matrix(base)
+        self.out_features, self.in_features = W.shape
+        self.scaling = float(scaling)
+        self.fingerprint = fingerprint
+        self.trainable = frozenset(trainable)
+        self.fold_requested = bool(fold and A0 is not None)
+        self.folded = False
+        self.bias = base.bias
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype = _factor_dtype(W.dtype)
+
+        def own(t: Tensor) -> Tensor:
+            return t.detach().to(device=W.device, dtype=dtype).clone(memory_format=torch.contiguous_format)
+
+        for key, value in (("A", A), ("B", B)):
+            if key in self.trainable:
+                setattr(self, f"lora_{key}", nn.Parameter(own(value)))
+            else:
+                self.register_buffer(f"lora_{key}", own(value))
+        if A0 is not None:
+            self.register_buffer("init_A", own(A0))
+            self.register_buffer("init_B", own(B0))
+        else:
+            self.init_A = self.init_B = None
+        self.weight = base.weight
+
+    def fold_base(self) -> None:
+        """Replace the weight by W_res = W − s·B₀A₀ (a new tensor; the forward then skips B₀A₀)."""
+        if self.fold_requested and not self.folded:
+            W = self._dense()
+            with torch.no_grad():
+                self._set_weight((W.to(self.init_A.dtype) - self.scaling * (self.init_B @ self.init_A)).to(W.dtype))
+            self.folded = True
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def _set_weight(self, matrix: Tensor) -> None:
+        """Give this layer and its base a new weight Parameter (never writes into the old tensor)."""
+        matrix = matrix.detach()
+        param = nn.Parameter((matrix.T if self.fan_in_fan_out else matrix).contiguous(), requires_grad=False)
+        self.base.weight = param
+        self.weight = param
+
+    def _dense(self) -> Tensor:
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self._dense(), self.bias)
+        h = x.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(self.dropout(h), self.lora_A), self.lora_B)
+        if self.init_A is not None and not self.folded:
+            delta = delta - F.linear(F.linear(h, self.init_A), self.init_B)
+        return out + (self.scaling * delta).to(out.dtype)
+
+    # -- dense views (fp32 or the factor dtype) --------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """ΔW relative to the original weight: s·(B A − B₀ A₀), shape (out, in)."""
+        delta = self.lora_B @ self.lora_A
+        if self.init_A is not None:
+            delta = delta - self.init_B @ self.init_A
+        return self.scaling * delta
+
+    def original_weight(self) -> Tensor:
+        """The weight the layer was adapted from: bit-exact unless folded (then W_res + s·B₀A₀)."""
+        W = self._dense()
+        if not self.folded:
+            return W
+        return (W.to(self.init_A.dtype) + self.scaling * (self.init_B @ self.init_A)).to(W.dtype)
+
+    def merged_weight(self) -> Tensor:
+        W = self._dense()
+        added = self.lora_B @ self.lora_A
+        if self.init_A is not None and not self.folded:
+            added = added - self.init_B @ self.init_A
+        return (W.to(added.dtype) + self.scaling * added).to(W.dtype)
+
+    def extra_repr(self) -> str:
+        mode = "folded" if self.folded else ("subtract-init" if self.init_A is not None else "zero-init")
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"trains={sorted(self.trainable)}, {mode}"
+        )
+
+    # -- leaving -------------------------------------------------------------------------------
+    def restored(self) -> nn.Module:
+        """The base module with its original weight (bit-exact unless folded)."""
+        if self.folded:
+            self._set_weight(self.original_weight())
+        return self.base
+
+    def merged(self) -> nn.Module:
+        """The base module with the adapter folded into a new weight Parameter."""
+        with torch.no_grad():
+            self._set_weight(self.merged_weight())
+        return self.base

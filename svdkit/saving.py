@@ -1,0 +1,145 @@
+"""save_adapter / load_adapter: the svdkit adapter format.
+
+A folder with ``svdkit.json`` (config, per-module ranks/scalings, fingerprints of the base weights,
+version) and ``adapter.safetensors`` (``<module>.lora_A``, ``.lora_B`` and, for methods whose init is
+non-zero, the frozen ``.init_A``, ``.init_B``). Loading never recomputes an SVD: it rebuilds the layers
+from the stored tensors, after checking that the base weights are the ones the adapter was made from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .api import _check_not_adapted, adapted_layers, install, state
+from .config import config_from_dict
+from .fingerprint import combine, tensor_fingerprint
+from .files import atomic_dir
+from .layers import SpectralLinear, weight_matrix
+
+META, TENSORS, FORMAT = "svdkit.json", "adapter.safetensors", "svdkit-adapter"
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder that is incomplete, corrupt or not written by svdkit."""
+
+
+class FingerprintMismatch(ValueError):
+    """The base model's weights are not the ones the adapter was made from."""
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the adapter of an adapted model to the folder ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    st = state(model)
+    modules, tensors = {}, {}
+    for name, layer in adapted_layers(model):
+        modules[name] = {
+            "shape": [layer.out_features, layer.in_features],
+            "rank": layer.rank,
+            "scaling": layer.scaling,
+            "trainable": sorted(layer.trainable),
+            "subtract": layer.init_A is not None,
+            "fold": layer.folded,
+            "dropout": getattr(layer.dropout, "p", 0.0),
+            "fingerprint": layer.fingerprint,
+        }
+        for key in ("lora_A", "lora_B", "init_A", "init_B"):
+            value = getattr(layer, key)
+            if value is not None:
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "svdkit_version": __version__,
+        "config": st.config.to_dict(),
+        "fingerprint": combine({n: m["fingerprint"] for n, m in modules.items()}),
+        "modules": modules,
+    }
+    with atomic_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(path)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an adapter folder, with specific errors for missing or corrupt files."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for file in (META, TENSORS):
+        if not (path / file).is_file():
+            raise FileNotFoundError(
+                f"no svdkit adapter at {path}: {file} is missing (an adapter folder written by "
+                "svdkit.save_adapter holds svdkit.json and adapter.safetensors)."
+            )
+    try:
+        meta = json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{path / META} is not valid JSON ({exc}); the adapter is corrupt.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "modules" not in meta:
+        raise AdapterFormatError(f"{path / META} was not written by svdkit.save_adapter (no '{FORMAT}' format tag).")
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+        raise AdapterFormatError(f"{path / TENSORS} cannot be read ({exc}); the adapter is corrupt.") from None
+    return meta, tensors
+
+
+def _check_base(model: nn.Module, modules: dict) -> dict[str, nn.Module]:
+    found, problems = {}, []
+    for name, info in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: not in this model")
+            continue
+        W = weight_matrix(module)
+        if list(W.shape) != info["shape"]:
+            problems.append(f"{name}: weight is {tuple(W.shape)}, adapter expects {tuple(info['shape'])}")
+        elif tensor_fingerprint(W) != info["fingerprint"]:
+            problems.append(f"{name}: weights differ (fingerprint {tensor_fingerprint(W)} ≠ {info['fingerprint']})")
+        found[name] = module
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise FingerprintMismatch(
+            f"this adapter was made from a different base model ({len(problems)} of {len(modules)} modules "
+            f"do not match): {shown}. Load it onto the exact base weights it was trained on."
+        )
+    return found
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Adapt ``model`` in place with the adapter saved at ``path``; outputs match the saved model exactly."""
+    meta, tensors = read_adapter(path)
+    _check_not_adapted(model)
+    try:
+        cfg = config_from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise AdapterFormatError(f"{Path(path) / META}: invalid config ({exc}).") from None
+    modules = _check_base(model, meta["modules"])
+    layers = {}
+    for name, info in meta["modules"].items():
+        m, n = info["shape"]
+        r = info["rank"]
+        expected = {"lora_A": (r, n), "lora_B": (m, r)}
+        if info["subtract"]:
+            expected.update(init_A=(r, n), init_B=(m, r))
+        for key, shape in expected.items():
+            value = tensors.get(f"{name}.{key}")
+            if value is None or tuple(value.shape) != shape:
+                got = "missing" if value is None else f"shaped {tuple(value.shape)}"
+                raise AdapterFormatError(f"{Path(path) / TENSORS}: {name}.{key} is {got}, expected {shape}; the adapter is corrupt.")
+        get = lambda key: tensors.get(f"{name}.{key}")  # noqa: E731
+        layers[name] = SpectralLinear(
+            modules[name], get("lora_A"), get("lora_B"), A0=get("init_A"), B0=get("init_B"),
+            scaling=info["scaling"], trainable=frozenset(info["trainable"]), fold=info["fold"],
+            dropout=info["dropout"], fingerprint=info["fingerprint"],
+        )  # fmt: skip
+    install(model, cfg, layers)
+    return model

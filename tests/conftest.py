@@ -1,0 +1,53 @@
+"""Tiny in-memory models (built from configs, never downloaded) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ARCHS = ("llama", "gpt2", "bert")
+VOCAB = 128
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer model with hidden size 32 and random weights; the same seed gives the same weights."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif arch == "bert":
+        cfg = tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=VOCAB, max_position_embeddings=64)
+        model = tf.BertModel(cfg)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # random-init biases are zero; make them non-zero so bias handling is tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def model_output(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def perturb_adapters(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable tensor away from its init, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+@pytest.fixture
+def ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,156 @@
+"""DESIGN.md §2: the seven invariants, checked for every registered method on tiny Llama, GPT-2 and BERT.
+
+A new method joins by adding a row to ROWS (test_every_method_has_a_row fails until it does).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+import svdkit
+from svdkit.api import adapted_layers
+from svdkit.layers import SpectralLinear, weight_matrix
+from svdkit.targets import select_targets
+
+from conftest import ARCHS, model_output, perturb_adapters, tiny_model
+
+
+@dataclass
+class Row:
+    method: str
+    options: dict = field(default_factory=dict)
+    params: Callable[[int, int, int], int] = lambda m, n, r: r * (m + n)  # trainable count per matrix
+    preserves_function: bool = True
+    id: str = ""
+
+    def config(self):
+        return svdkit.config(self.method, **self.options)
+
+
+ROWS = [
+    Row("lora", dict(rank=4)),
+    Row("lora", dict(rank=4, alpha=8, use_rslora=True), id="lora-rslora"),
+    Row("pissa", dict(rank=4)),
+    Row("pissa", dict(rank=4, svd="randomized", niter=2), id="pissa-randomized"),
+    Row("pissa", dict(rank=4, alpha=8, fold=True), id="pissa-fold"),
+    Row("milora", dict(rank=4, dropout=0.0)),
+    Row("milora", dict(rank=4, dropout=0.0, svd="randomized"), id="milora-randomized"),
+]
+CASES = [pytest.param(row, arch, id=f"{row.id or row.method}-{arch}") for row in ROWS for arch in ARCHS]
+TOL = 1e-5
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> bool:
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def test_every_method_has_a_row():
+    assert set(svdkit.methods()) <= {row.method for row in ROWS}
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_1_base_weights_never_changed_silently(row, arch):
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params_before = {k: v for k, v in model.named_parameters()}
+    svdkit.adapt(model, row.config())
+    for name, p in params_before.items():  # no original tensor was written into
+        assert torch.equal(p, before[name]), name
+    assert sum(1 for _ in adapted_layers(model)) > 0
+    svdkit.unadapt(model)
+    assert not any(isinstance(m, SpectralLinear) for m in model.modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key in before:
+        if row.options.get("fold"):  # folded: restored as W_res + s·B₀A₀, equal up to rounding
+            assert close(after[key], before[key], 1e-6), key
+        else:
+            assert torch.equal(after[key], before[key]), key
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_2_init_preserves_function(row, arch, ids):
+    model = tiny_model(arch)
+    with torch.no_grad():
+        y0 = model_output(model, ids)
+        svdkit.adapt(model, row.config())
+        y1 = model_output(model, ids)
+    assert close(y1, y0) == row.preserves_function
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_3_only_adapter_parameters_train(row, arch):
+    model = tiny_model(arch)
+    cfg = row.config()
+    shapes = [tuple(weight_matrix(m).shape) for _, m in select_targets(model, cfg.targets, cfg.exclude)]
+    svdkit.adapt(model, cfg)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert sum(p.numel() for p in trainable.values()) == sum(row.params(m, n, cfg.rank) for m, n in shapes)
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_4_merged_equals_adapted(row, arch, ids):
+    model = tiny_model(arch)
+    svdkit.adapt(model, row.config())
+    perturb_adapters(model)
+    with torch.no_grad():
+        y_adapted = model_output(model, ids)
+        svdkit.merge(model)
+        y_merged = model_output(model, ids)
+    assert not any(isinstance(m, SpectralLinear) for m in model.modules())
+    assert type(model) is type(tiny_model(arch))
+    assert close(y_merged, y_adapted)
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_5_exported_peft_adapter_reproduces_outputs(row, arch, ids, tmp_path):
+    from peft import PeftModel
+
+    model = tiny_model(arch)
+    with torch.no_grad():
+        y_base = model_output(model, ids)
+    svdkit.adapt(model, row.config())
+    perturb_adapters(model)
+    with torch.no_grad():
+        y_adapted = model_output(model, ids)
+    assert not close(y_adapted, y_base)  # the adapter does change the function
+    svdkit.export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        y_peft = model_output(peft_model, ids)
+    assert close(y_peft, y_adapted)
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_6_reproducible(row, arch):
+    a, b = tiny_model(arch), tiny_model(arch)
+    svdkit.adapt(a, row.config())
+    svdkit.adapt(b, row.config())
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if "lora_" in k or "init_" in k]
+    assert keys and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
+@pytest.mark.parametrize("row,arch", CASES)
+def test_7_round_trip(row, arch, ids, tmp_path):
+    model = tiny_model(arch)
+    svdkit.adapt(model, row.config())
+    perturb_adapters(model)
+    with torch.no_grad():
+        y = model_output(model, ids)
+    svdkit.save_adapter(model, tmp_path / "adapter")
+    fresh = svdkit.load_adapter(tiny_model(arch), tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(model_output(fresh, ids), y)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    with pytest.raises(svdkit.FingerprintMismatch, match="different base model"):
+        svdkit.load_adapter(tiny_model(arch, seed=1), tmp_path / "adapter")
