@@ -9,14 +9,17 @@
 __version__ = "0.1.0"
 
 from .api import adapt, merge, regularization, unadapt  # noqa: E402
-from .config import AdapterConfig, config, config_from_dict, methods, register  # noqa: E402
+from . import zoo  # noqa: E402,F401  (importing it registers every method)
+from .config import AdapterConfig, config, config_from_dict, method_class, methods, register  # noqa: E402
 from .export import export_peft  # noqa: E402
-from .zoo import LoRA, MiLoRA, PiSSA  # noqa: E402
 from .models import load_model  # noqa: E402
 from .saving import AdapterFormatError, FingerprintMismatch, load_adapter, save_adapter  # noqa: E402
 
+# Every registered method's config class, by its class name: svdkit.PiSSA, svdkit.LoRA, …
+globals().update({method_class(name).__name__: method_class(name) for name in methods()})
+
 __all__ = [
-    "AdapterConfig", "AdapterFormatError", "FingerprintMismatch", "LoRA", "MiLoRA", "PiSSA",
-    "adapt", "config", "config_from_dict", "export_peft", "load_adapter", "load_model", "merge",
-    "methods", "register", "regularization", "save_adapter", "unadapt",
+    "AdapterConfig", "AdapterFormatError", "FingerprintMismatch", "adapt", "config", "config_from_dict",
+    "export_peft", "load_adapter", "load_model", "merge", "methods", "register", "regularization",
+    "save_adapter", "unadapt", *(method_class(name).__name__ for name in methods()),
 ]

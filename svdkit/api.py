@@ -107,7 +107,7 @@ def adapt(
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"expected a method config such as svdkit.PiSSA(rank=16), got {type(cfg).__name__}.")
     _check_not_adapted(model)
-    if calibration is not None and not getattr(cfg, "uses_calibration", False):
+    if calibration is not None and not cfg.uses_calibration:
         raise ValueError(f"{type(cfg).__name__} does not use calibration statistics; drop the calibration argument.")
     plan = _plan(model, cfg)
     layers: dict[str, SpectralLinear] = {}

@@ -66,6 +66,7 @@ class AdapterConfig:
     params: ClassVar[str] = ""
     export_rank: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    uses_calibration: ClassVar[bool] = False  # data-aware methods take svdkit.calibrate() statistics
 
     def __post_init__(self) -> None:
         cls = type(self).__name__

@@ -100,6 +100,27 @@ def _signed(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U.contiguous(), S.contiguous(), Vh.contiguous()
 
 
+def _tall_batch(weight: Tensor, rank: int, seeds: Sequence[int], dtype: torch.dtype):
+    """(W as a (b, m ≥ n) batch in ``dtype``, whether a batch dim was added, whether W was transposed)."""
+    _check_rank(weight.shape, rank)
+    W = weight.to(dtype)
+    squeeze = W.ndim == 2
+    if squeeze:
+        W = W.unsqueeze(0)
+    if len(seeds) != W.shape[0]:
+        raise ValueError(f"need one seed per matrix: got {len(seeds)} seeds for {W.shape[0]} matrices.")
+    wide = W.shape[-2] < W.shape[-1]
+    return (W.mT if wide else W), squeeze, wide
+
+
+def _untall(U: Tensor, S: Tensor, Vh: Tensor, squeeze: bool, wide: bool):
+    """Undo :func:`_tall_batch` on the factors, and fix their signs."""
+    if wide:
+        U, Vh = Vh.mT, U.mT
+    U, S, Vh = _signed(U, S, Vh)
+    return (U[0], S[0], Vh[0]) if squeeze else (U, S, Vh)
+
+
 def _orth(x: Tensor) -> Tensor:
     return torch.linalg.qr(x).Q
 
@@ -131,17 +152,8 @@ def svd_randomized(
 
     ``weight`` is ``(m, n)`` or ``(b, m, n)``; ``seeds`` gives one seed per matrix (see :func:`layer_seed`).
     """
-    _check_rank(weight.shape, rank)
-    W = weight.to(dtype)
-    squeeze = W.ndim == 2
-    if squeeze:
-        W = W.unsqueeze(0)
-    if len(seeds) != W.shape[0]:
-        raise ValueError(f"need one seed per matrix: got {len(seeds)} seeds for {W.shape[0]} matrices.")
-    wide = W.shape[-2] < W.shape[-1]
-    if wide:
-        W = W.transpose(-1, -2)  # now m >= n
-    Wt = W.transpose(-1, -2)
+    W, squeeze, wide = _tall_batch(weight, rank, seeds, dtype)
+    Wt = W.mT
     n = W.shape[-1]
     width = min(rank + oversample, n)
     Q = _orth_fast(W @ gaussian((n, width), seeds, dtype, W.device))  # (b, m, l)
@@ -151,11 +163,7 @@ def svd_randomized(
     # SVD of the small l×n matrix Qᵀ W, taken as its tall transpose (≈3× faster in LAPACK)
     Vt, S, Ubt = torch.linalg.svd(Wt @ Q, full_matrices=False)  # (b,n,l) (b,l) (b,l,l)
     U = Q @ Ubt.mT[..., :rank]
-    S, Vh = S[..., :rank], Vt.mT[..., :rank, :]
-    if wide:
-        U, Vh = Vh.transpose(-1, -2), U.transpose(-1, -2)
-    U, S, Vh = _signed(U, S, Vh)
-    return (U[0], S[0], Vh[0]) if squeeze else (U, S, Vh)
+    return _untall(U, S[..., :rank], Vt.mT[..., :rank, :], squeeze, wide)
 
 
 def svd_bottom_randomized(
@@ -173,14 +181,7 @@ def svd_bottom_randomized(
     a Rayleigh–Ritz step (exact SVD of the m×l matrix W Z) returns the triplets. μ = 1e-12·tr(G) keeps
     G positive definite for rank-deficient W.
     """
-    _check_rank(weight.shape, rank)
-    W = weight.to(torch.float64)
-    squeeze = W.ndim == 2
-    if squeeze:
-        W = W.unsqueeze(0)
-    wide = W.shape[-2] < W.shape[-1]
-    if wide:
-        W = W.transpose(-1, -2)
+    W, squeeze, wide = _tall_batch(weight, rank, seeds, torch.float64)
     n = W.shape[-1]
     width = min(rank + oversample, n)
     G = W.transpose(-1, -2) @ W
@@ -191,11 +192,7 @@ def svd_bottom_randomized(
     for _ in range(max(1, niter)):
         Z = _orth(torch.cholesky_solve(Z, L))
     Ub, S, Vh_small = torch.linalg.svd(W @ Z, full_matrices=False)  # S: (b, l) descending
-    U, S, Vh = Ub[..., -rank:], S[..., -rank:], (Z @ Vh_small.transpose(-1, -2)).transpose(-1, -2)[..., -rank:, :]
-    if wide:
-        U, Vh = Vh.transpose(-1, -2), U.transpose(-1, -2)
-    U, S, Vh = _signed(U, S, Vh)
-    return (U[0], S[0], Vh[0]) if squeeze else (U, S, Vh)
+    return _untall(Ub[..., -rank:], S[..., -rank:], (Z @ Vh_small.mT).mT[..., -rank:, :], squeeze, wide)
 
 
 def truncated_svd(
@@ -208,7 +205,10 @@ def truncated_svd(
     oversample: int = 8,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dispatch to the exact or randomized routine; ``weight`` may be a batch ``(b, m, n)``."""
+    """Dispatch to the exact or randomized routine; ``weight`` may be a batch ``(b, m, n)``.
+
+    Bottom-r triplets with a randomized method use :func:`svd_bottom_randomized`.
+    """
     if method == "exact":
         return svd_exact(weight, rank, which, dtype)
     if method != "randomized":

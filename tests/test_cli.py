@@ -46,3 +46,18 @@ def test_demo_on_the_default_model(tmp_path, capsys):
     assert main(args) == 2  # never overwrites an existing run unless told to
     assert "already exists" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.real_model
+def test_readme_example_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "out" / "adapter" / "svdkit.json").is_file()
+    assert (tmp_path / "out" / "peft" / "adapter_model.safetensors").is_file()
+    assert not any(type(m).__name__ == "SpectralLinear" for m in namespace["model"].modules())

@@ -1,6 +1,8 @@
-"""One file per method family; importing a file registers its methods."""
+"""One file per method family. Every module in this folder is imported here, which registers its
+methods; adding a method is adding a file (plus its row in tests/test_conformance.py)."""
 
-from .lora import LoRA
-from .residual import MiLoRA, PiSSA
+import importlib
+import pkgutil
 
-__all__ = ["LoRA", "MiLoRA", "PiSSA"]
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
