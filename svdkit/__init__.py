@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from .api import adapt, merge, regularization, unadapt  # noqa: E402
+from .api import adapt, after_clipping, after_step, merge, regularization, unadapt  # noqa: E402
 from . import zoo  # noqa: E402,F401  (importing it registers every method)
 from .config import AdapterConfig, config, config_from_dict, method_class, methods, register  # noqa: E402
 from .export import export_peft  # noqa: E402
@@ -19,7 +19,8 @@ from .saving import AdapterFormatError, FingerprintMismatch, load_adapter, save_
 globals().update({method_class(name).__name__: method_class(name) for name in methods()})
 
 __all__ = [
-    "AdapterConfig", "AdapterFormatError", "FingerprintMismatch", "adapt", "config", "config_from_dict",
+    "AdapterConfig", "AdapterFormatError", "FingerprintMismatch", "adapt", "after_clipping", "after_step",
+    "config", "config_from_dict",
     "export_peft", "load_adapter", "load_model", "merge", "methods", "register", "regularization",
     "save_adapter", "unadapt", *(method_class(name).__name__ for name in methods()),
 ]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .distributed import broadcast_init, rank_and_world
 from .fingerprint import tensor_fingerprint
 from .layers import SpectralLinear, weight_matrix
 from .linalg import check_matrix
@@ -102,7 +103,8 @@ def adapt(
 
     All targets are validated and initialized before the first swap, so an error leaves the model
     untouched. Every non-adapter parameter is frozen (flags are restored by ``unadapt``/``merge``).
-    ``progress``: None shows a bar on a terminal only.
+    ``progress``: None shows a bar on a terminal only. Under an initialized process group (torchrun),
+    each rank decomposes its share of the layers and the factors are broadcast to all ranks.
     """
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"expected a method config such as svdkit.PiSSA(rank=16), got {type(cfg).__name__}.")
@@ -110,23 +112,29 @@ def adapt(
     if calibration is not None and not cfg.uses_calibration:
         raise ValueError(f"{type(cfg).__name__} does not use calibration statistics; drop the calibration argument.")
     plan = _plan(model, cfg)
-    layers: dict[str, SpectralLinear] = {}
-    with torch.no_grad(), _progress(len(plan), f"svdkit {cfg.name} init", progress) as bar:
-        for chunk in _batches(plan):
-            names = [name for name, _, _ in chunk]
-            mcfg = chunk[0][2]
-            weights = torch.stack([weight_matrix(module).detach() for _, module, _ in chunk])
-            _check_finite(weights, names)
-            init = mcfg.initialize(weights, names, calibration)
-            for i, (name, module, _) in enumerate(chunk):
-                A, B = init.A[i], init.B[i]
-                layers[name] = SpectralLinear(
-                    module, A, B,
-                    A0=A if init.subtract else None, B0=B if init.subtract else None,
-                    scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
-                    fingerprint=tensor_fingerprint(weight_matrix(module)),
-                )  # fmt: skip
+    chunks = list(_batches(plan))
+    rank, world = rank_and_world()
+    inits: list = [None] * len(chunks)
+    with torch.no_grad(), _progress(len(plan), f"svdkit {cfg.name} init", False if rank else progress) as bar:
+        for i, chunk in enumerate(chunks):  # under torchrun each rank decomposes every world-th chunk
+            if i % world == rank:
+                weights = torch.stack([weight_matrix(module).detach() for _, module, _ in chunk])
+                _check_finite(weights, [name for name, _, _ in chunk])
+                inits[i] = chunk[0][2].initialize(weights, [name for name, _, _ in chunk], calibration)
             bar.update(len(chunk))
+        if world > 1:
+            device = weight_matrix(plan[0][1]).device
+            inits = [broadcast_init(init, i % world, device) for i, init in enumerate(inits)]
+    layers: dict[str, SpectralLinear] = {}
+    for chunk, init in zip(chunks, inits):
+        for i, (name, module, mcfg) in enumerate(chunk):
+            A, B = init.A[i], init.B[i]
+            layers[name] = SpectralLinear(
+                module, A, B,
+                A0=A if init.subtract else None, B0=B if init.subtract else None,
+                scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
+                fingerprint=tensor_fingerprint(weight_matrix(module)),
+            )  # fmt: skip
     install(model, cfg, layers)
     return model
 
@@ -172,6 +180,28 @@ def merge(model: nn.Module) -> nn.Module:
     """
     with torch.no_grad():
         return _leave(model, "merge")
+
+
+def _layers_by_config(model: nn.Module):
+    """Groups of adapted layers that share one (per-module) config: {config_json: (config, {name: layer})}."""
+    st = state(model)
+    groups: dict[str, tuple] = {}
+    for name, layer in adapted_layers(model):
+        mcfg = st.module_configs[name]
+        groups.setdefault(json.dumps(mcfg.to_dict(), sort_keys=True), (mcfg, {}))[1][name] = layer
+    return groups.values()
+
+
+def after_clipping(model: nn.Module, peak_lr: float) -> None:
+    """Run the methods' gradient hooks (after clipping, before the optimizer step)."""
+    for mcfg, layers in _layers_by_config(model):
+        mcfg.after_clipping(layers, peak_lr)
+
+
+def after_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Run the methods' training-time schedules (after each optimizer step)."""
+    for mcfg, layers in _layers_by_config(model):
+        mcfg.after_step(layers, step, total_steps)
 
 
 def regularization(model: nn.Module) -> torch.Tensor:

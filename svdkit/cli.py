@@ -34,7 +34,41 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=5)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _finetune_parser(sub)
     return p
+
+
+# finetune options that map one-to-one onto FinetuneConfig fields (None: keep the config's value)
+_FT_FIELDS = {"model": str, "data": str, "method": str, "rank": int, "steps": int, "lr": float,
+              "batch_size": int, "grad_accum": int, "max_length": int, "eval_every": int,
+              "checkpoint_every": int, "seed": int, "weight_decay": float, "warmup": int}  # fmt: skip
+# options that go into the method's own config
+_METHOD_FIELDS = {"svd": str, "niter": int, "alpha": float, "targets": str, "dropout": float}
+
+
+def _finetune_parser(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune a model with a spectral method (defaults: PiSSA on the default model and data)")
+    for name, kind in {**_FT_FIELDS, **_METHOD_FIELDS}.items():
+        f.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    f.add_argument("--merge", action="store_true", default=None, help="also write the merged model (Hugging Face folder)")
+    f.add_argument("--skip-malformed", action="store_true", default=None, help="skip malformed JSONL lines (counted)")
+    f.add_argument("--config", help="a run's config.json (or YAML) to start from; other options override it")
+    f.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def _finetune_config(args):
+    import dataclasses
+
+    from .finetune import FinetuneConfig
+
+    cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
+    changes = {k: getattr(args, k) for k in (*_FT_FIELDS, "merge", "skip_malformed") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in _METHOD_FIELDS if getattr(args, k) is not None}
+    if options:
+        changes["method_options"] = {**cfg.method_options, **options}
+    return dataclasses.replace(cfg, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "methods":
             print(_methods_table())
+            return 0
+        if args.command == "finetune":
+            from .finetune import Interrupted, finetune
+
+            try:
+                finetune(_finetune_config(args), args.out, resume=args.resume, overwrite=args.overwrite)
+            except Interrupted as exc:
+                print(f"svdkit: {exc}", file=sys.stderr)
+                return 130
             return 0
         from .demo import run_demo
 

@@ -67,6 +67,8 @@ class AdapterConfig:
     export_rank: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     uses_calibration: ClassVar[bool] = False  # data-aware methods take svdkit.calibrate() statistics
+    lr: ClassVar[float] = 2e-4  # the paper's learning rate (svdkit finetune's default for the method)
+    weight_decay: ClassVar[float] = 0.0  # 0 for adapters initialized from principal components
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
@@ -122,6 +124,14 @@ class AdapterConfig:
     def regularizer(self, layer) -> torch.Tensor | None:
         """This method's extra loss for one adapted layer, or None (the default)."""
         return None
+
+    # Training-time hooks, called by svdkit's training loop and by svdkit.hf.SvdkitCallback through
+    # svdkit.after_clipping / svdkit.after_step, so users never call them by hand.
+    def after_clipping(self, layers: dict, peak_lr: float) -> None:
+        """Edit the adapters' gradients after clipping, before the optimizer step (e.g. SORSA)."""
+
+    def after_step(self, layers: dict, step: int, total_steps: int) -> None:
+        """A training-time schedule run after each optimizer step (e.g. AdaLoRA's budget)."""
 
     # -- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

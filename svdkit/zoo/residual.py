@@ -33,6 +33,7 @@ class PiSSA(AdapterConfig):
     """
 
     name = "pissa"
+    lr = 2e-5
     basis = "weight SVD, top-r"
     trains = "B, A"
     params = "r(m+n)"
@@ -56,6 +57,7 @@ class MiLoRA(AdapterConfig):
     dropout: float = 0.05
 
     name = "milora"
+    lr = 3e-4
     basis = "weight SVD, bottom-r"
     trains = "B, A"
     params = "r(m+n)"

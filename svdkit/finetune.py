@@ -1,0 +1,233 @@
+"""`svdkit finetune`: fine-tune a model with a spectral method and leave behind everything a user wants
+to look at (config, metrics, loss curve, held-out loss before/after, samples, adapter, PEFT export,
+optionally the merged model). Resumable from atomic checkpoints; data-parallel under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import api, data, report
+from .config import config, method_class
+from .distributed import init_from_env, rank_and_world
+from .export import export_peft
+from .files import atomic_dir, write_text
+from .models import load_model
+from .saving import load_adapter, save_adapter
+from .train import Throughput, make_optimizer, rng_state, set_rng_state, train_step
+
+CONFIG, METRICS, CHECKPOINT, BEFORE = "config.json", "metrics.jsonl", "checkpoint", "before.json"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that defines a run (re-runnable with ``svdkit finetune --config run/config.json``)."""
+
+    model: str = "default"
+    data: str = "default"
+    method: str = "pissa"
+    rank: int = 16
+    method_options: dict = field(default_factory=dict)  # other fields of the method's config, e.g. {"svd": "randomized"}
+    steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None  # None: the method's paper default (METHODS.md)
+    weight_decay: float | None = None  # None: the method's default (0 for principal-component adapters)
+    warmup: int | None = None  # None: 3% of the steps
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    heldout_fraction: float = 0.1
+    max_heldout: int = 64
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    samples: int = 3
+    seed: int = 0
+    skip_malformed: bool = False
+    merge: bool = False
+
+    def __post_init__(self):
+        method_class(self.method)  # unknown method: error with the nearest name
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}.")
+
+    def adapter_config(self):
+        return config(self.method, rank=self.rank, seed=self.seed, **self.method_options)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else method_class(self.method).lr
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "FinetuneConfig":
+        text = Path(path).read_text()
+        values = json.loads(text) if str(path).endswith(".json") else _yaml(text)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}.")
+        return cls(**values)
+
+
+def _yaml(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def _prepare_out(out: Path, cfg: FinetuneConfig, resume: bool, overwrite: bool) -> None:
+    """Create the run folder, or check that a resumed run has the same config (saying what differs)."""
+    if resume:
+        if not (out / CHECKPOINT / "state.pt").is_file():
+            raise FileNotFoundError(f"--resume: {out} has no checkpoint ({out / CHECKPOINT}); start without --resume.")
+        saved = json.loads((out / CONFIG).read_text())
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+        if diff:
+            shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"--resume: the checkpoint in {out} was made with a different config ({shown}).")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it.")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def _save_checkpoint(out: Path, net, loop) -> None:
+    with atomic_dir(out / CHECKPOINT, overwrite=True) as tmp:
+        save_adapter(net, tmp / "adapter")
+        torch.save({"step": loop.step, "optimizer": loop.optimizer.state_dict(),
+                    "scheduler": loop.scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")  # fmt: skip
+
+
+def _barrier():
+    if rank_and_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume=False, overwrite=False, progress=None, log=print) -> dict:
+    """Run (or resume) a fine-tuning run into ``out``; returns the summary dict also written to eval.json."""
+    init_from_env()
+    rank, world = rank_and_world()
+    main = rank == 0
+    out = Path(out)
+    if main:
+        _prepare_out(out, cfg, resume, overwrite)
+    _barrier()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model, tok = load_model(cfg.model)
+    if tok is None:
+        raise ValueError(f"model {cfg.model} has no tokenizer; finetune needs one to read the data.")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    examples = data.load_examples(cfg.data, tok, max_length=cfg.max_length, skip_malformed=cfg.skip_malformed)
+    train_items, heldout = data.split(examples, cfg.heldout_fraction, cfg.seed)
+    heldout = heldout[: cfg.max_heldout]
+    if resume:
+        load_adapter(model, out / CHECKPOINT / "adapter")
+        before = json.loads((out / BEFORE).read_text())
+    else:
+        before = {"eval": _evaluate(model, heldout, cfg, pad_id), "samples": report.generate(model, tok, heldout[: cfg.samples])}
+        if main:
+            write_text(out / BEFORE, json.dumps(before, indent=2) + "\n")
+        api.adapt(model, cfg.adapter_config(), progress=progress if main else False)
+    method = api.state(model).config
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else method.weight_decay
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.03 * cfg.steps))
+    loop = make_optimizer(model, cfg.peak_lr, weight_decay, cfg.steps, warmup)
+    if resume:
+        state = torch.load(out / CHECKPOINT / "state.pt", weights_only=False)
+        loop.optimizer.load_state_dict(state["optimizer"])
+        loop.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        loop.step = state["step"]
+        if main:
+            report.truncate_metrics(out / METRICS, loop.step)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model.train()
+    _run_loop(cfg, out, model, ddp, loop, train_items, heldout, pad_id, main, progress)
+    model.eval()
+    if not main:
+        _barrier()
+        return {}
+    summary = _finish(cfg, out, model, tok, heldout, before, pad_id, log)
+    _barrier()
+    return summary
+
+
+def _evaluate(model, items, cfg, pad_id) -> dict:
+    loss, ppl = data.eval_loss(model, items, cfg.batch_size, pad_id)
+    return {"loss": loss, "perplexity": ppl}
+
+
+def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, progress) -> None:
+    from tqdm.auto import tqdm
+
+    rank, world = rank_and_world()
+    micro = cfg.batch_size // cfg.grad_accum
+    rate = Throughput()
+    bar = tqdm(total=cfg.steps, initial=loop.step, desc="svdkit finetune", unit="step",
+               disable=(not main) if progress is None else not (progress and main))  # fmt: skip
+    try:
+        while loop.step < cfg.steps:
+            batch = data.shard(data.batch_at(train_items, loop.step, cfg.batch_size, cfg.seed), rank, world)
+            mbs = [data.collate(batch[i : i + micro], pad_id) for i in range(0, len(batch), micro)]
+            row = train_step(net, ddp, mbs, loop, max_grad_norm=cfg.max_grad_norm, peak_lr=cfg.peak_lr, total=cfg.steps)
+            row["tokens_per_s"] = round(rate(row.pop("tokens")), 1)
+            if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
+                if main:
+                    row["heldout_loss"] = _evaluate(net, heldout, cfg, pad_id)["loss"]
+                net.train()
+            if main:
+                report.append_metrics(out / METRICS, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+                bar.update(1)
+            if loop.step % cfg.checkpoint_every == 0 and loop.step < cfg.steps:
+                if main:
+                    _save_checkpoint(out, net, loop)
+                _barrier()
+    except KeyboardInterrupt:
+        if main:
+            _save_checkpoint(out, net, loop)
+        raise Interrupted(f"interrupted at step {loop.step}/{cfg.steps}; a checkpoint was saved. "
+                          f"Resume with: svdkit finetune --config {out / CONFIG} --out {out} --resume") from None  # fmt: skip
+    finally:
+        bar.close()
+    if main:
+        _save_checkpoint(out, net, loop)
+
+
+def _finish(cfg, out, model, tok, heldout, before, pad_id, log) -> dict:
+    after = {"eval": _evaluate(model, heldout, cfg, pad_id), "samples": report.generate(model, tok, heldout[: cfg.samples])}
+    save_adapter(model, out / "adapter", overwrite=True)
+    export_peft(model, out / "peft", overwrite=True)
+    summary = {"method": cfg.method, "rank": cfg.rank, "steps": cfg.steps, "lr": cfg.peak_lr,
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "heldout_examples": len(heldout), "before": before["eval"], "after": after["eval"]}  # fmt: skip
+    write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+    report.write_samples(out / "samples.md", heldout[: cfg.samples], tok, before["samples"], after["samples"])
+    report.plot_losses(out / METRICS, out / "loss.png")
+    if cfg.merge:
+        api.merge(model)
+        with atomic_dir(out / "merged", overwrite=True) as tmp:
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+    log(report.summary_text(out, summary, cfg.merge))
+    return summary

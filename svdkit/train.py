@@ -1,0 +1,106 @@
+"""The training loop: plain PyTorch, one home. AdamW, linear warmup + cosine decay, gradient clipping
+and accumulation, the methods' regularizers and hooks, data-parallel under torchrun, atomic
+checkpoints that resume bit-for-bit (same batches, same RNG, same optimizer state)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import api
+from .data import token_loss_sum
+from .distributed import rank_and_world
+
+
+@dataclass
+class LoopState:
+    step: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
+    """lr multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine down to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model, lr: float, weight_decay: float, total: int, warmup: int) -> LoopState:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup))
+    return LoopState(0, optimizer, scheduler)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def train_step(
+    net, ddp_model, micro_batches: list[dict], loop: LoopState, *, max_grad_norm: float, peak_lr: float, total: int
+) -> dict:
+    """One optimizer step over ``micro_batches`` (this rank's share of the global batch).
+
+    The task loss is Σ token losses / (labelled tokens in the *global* batch), so accumulation and
+    data parallelism give exactly the gradient of one big batch; the regularizer is added once per step.
+    """
+    rank, world = rank_and_world()
+    local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+    counts = torch.tensor([float(local_tokens)])
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    n_tokens = max(1.0, float(counts[0]))
+    loss_total = 0.0
+    for j, mb in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or ddp_model is net else ddp_model.no_sync()
+        with sync:
+            loss_sum, _ = token_loss_sum(ddp_model, mb)
+            loss = loss_sum * (world / n_tokens)
+            if last:
+                loss = loss + api.regularization(net)
+            loss.backward()
+        loss_total += float(loss_sum.detach())
+    params = [p for g in loop.optimizer.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    api.after_clipping(net, peak_lr)
+    lr = loop.scheduler.get_last_lr()[0]
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.step += 1
+    api.after_step(net, loop.step, total)
+    summed = torch.tensor([loss_total])
+    if world > 1:
+        torch.distributed.all_reduce(summed)
+    return {"step": loop.step, "loss": float(summed[0]) / n_tokens, "lr": lr, "grad_norm": grad_norm,
+            "tokens": int(n_tokens)}  # fmt: skip
+
+
+class Throughput:
+    """Tokens per second over the last step."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def __call__(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate, self.t = tokens / max(now - self.t, 1e-9), now
+        return rate
