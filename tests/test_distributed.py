@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_split_init_equals_single_process_init(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     single = svdkit.adapt(tiny_model("llama"), svdkit.PiSSA(**CFG), progress=False)
     expected = {n: (l.lora_A.detach(), l.lora_B.detach()) for n, l in adapted_layers(single)}
     for rank in (0, 1):
