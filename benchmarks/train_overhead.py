@@ -183,6 +183,33 @@ def measure_memory(name: str, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# -- background load ---------------------------------------------------------------------------------
+class LoadMeter:
+    """CPU time that OTHER processes used while timing: (Δ busy jiffies machine-wide − Δ own) / Δ wall."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> int:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals[:8]) - vals[3] - vals[4]  # user..steal minus idle and iowait
+
+    @staticmethod
+    def _own() -> int:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime of all threads
+
+    def cores(self) -> float:
+        """Average number of cores kept busy by other processes since construction."""
+        wall = time.perf_counter() - self.t0
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return max(other, 0) / self.tick / wall if wall > 0 else 0.0
+
+
 # -- report helpers ----------------------------------------------------------------------------------
 def cpu_model() -> str:
     try:
@@ -272,6 +299,7 @@ def main() -> None:
             gc.collect()
             runs[name]["step"]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    train_load = LoadMeter()
     for rnd in range(args.rounds):
         for name in names:
             for _ in range(args.steps):
@@ -281,6 +309,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
             log(f"round {rnd + 1}/{args.rounds}  {name:<22} "
                 f"median so far {statistics.median(times[name]):7.3f} s")
+    train_busy = train_load.cores()
     trainables = {name: runs[name]["trainable"] for name in names}
     del runs, model, opt
     gc.collect()
@@ -315,6 +344,7 @@ def main() -> None:
     for m in fwd.values():
         for _ in range(args.warmup):
             forward(m)
+    fwd_load = LoadMeter()
     for rnd in range(args.rounds):
         for k, m in fwd.items():
             for _ in range(args.steps):
@@ -323,6 +353,8 @@ def main() -> None:
                 forward(m)
                 fwd_times[k].append(time.perf_counter() - t0)
         log(f"forward round {rnd + 1}/{args.rounds} done")
+
+    fwd_busy = fwd_load.cores()
 
     # 4. report
     floor_med = statistics.median(times[FLOOR])
@@ -347,7 +379,11 @@ def main() -> None:
         f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}, "
         f"{args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up, "
         f"{args.warmup}+{args.mem_steps} steps per memory subprocess  ",
-        f"command: `{command}`",
+        f"command: `{command}`  ",
+        f"background load: other processes kept {train_busy:.2f} of {os.cpu_count()} cores busy on average "
+        f"during the timed training steps, {fwd_busy:.2f} during the timed forwards"
+        + (" — the machine was shared; compare ratios within this table only" if max(train_busy, fwd_busy) > 0.1
+           else ""),
         "",
         "| variant | trainable params | median step (s) | min (s) | × floor "
         "| adapter + optimizer resident (MiB) | peak RSS over loaded model (MiB) | × floor |",
