@@ -30,13 +30,13 @@ import os
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 
 import peft
 import torch
 
 import svdkit
+from common import cpu_model, verdict, write_report
 from svdkit.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,21 +91,6 @@ def quality(original: dict, exact: dict, factors: dict) -> tuple[float, float]:
         num, den = num + err, den + best
         worst = max(worst, (err / best) ** 0.5)
     return (num / den) ** 0.5, worst
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def main() -> None:
@@ -185,17 +170,7 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     print(report)
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".init_speed.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(report)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, args.out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

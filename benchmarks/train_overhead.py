@@ -55,13 +55,13 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import peft
 import torch
 
 import svdkit
+from common import cpu_model, verdict, write_report
 from svdkit.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -211,35 +211,6 @@ class LoadMeter:
 
 
 # -- report helpers ----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def write_atomic(path: str, text: str) -> None:
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".train_overhead.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -428,7 +399,7 @@ def main() -> None:
     lines.append(f"- merged forward ≤ 1.01× original ({fwd_ratio:.3f}×): **{verdict(fwd_ratio <= 1.01)}**")
     report = "\n".join(lines) + "\n"
     print(report)
-    write_atomic(args.out, report)
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
