@@ -1,11 +1,12 @@
-# Set-up: `make demo` runs the main job on the embedded default model; `make test` runs the tests.
-# Both create (or reuse) .venv and install what they need, torch 2.13.0 first (the CPU build on this machine).
+# Set-up: `make finetune` runs the main job (svdkit finetune) on the embedded default model and data;
+# `make test` runs the tests. `make demo` is the quick adapt/save/export/merge round trip.
+# Every target creates (or reuses) .venv and installs what it needs, torch 2.13.0 first (the CPU build on this machine).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.svdkit-installed
 
-.PHONY: demo test bench install clean
+.PHONY: finetune demo test bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+finetune: $(STAMP)
+	$(BIN)/svdkit finetune --out runs/finetune --overwrite
+
 demo: $(STAMP)
 	$(BIN)/svdkit demo --out runs/demo --overwrite
 
@@ -25,6 +29,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/init_speed.py
+	$(BIN)/python benchmarks/train_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

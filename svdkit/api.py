@@ -83,8 +83,9 @@ def _batches(plan):
 
 
 def _check_finite(weights: torch.Tensor, names: list[str]) -> None:
-    """One reduction per matrix; NaN/Inf anywhere makes its sum non-finite (then name the layer)."""
-    sums = weights.sum(dim=(-2, -1), dtype=torch.float64)
+    """One reduction per matrix; NaN/Inf anywhere makes its sum non-finite (then check_matrix names the
+    layer, or finds only an overflow of the sum and passes). No temporaries of the weight's size."""
+    sums = weights.sum(dim=(-2, -1))
     for name, total, W in zip(names, sums.tolist(), weights):
         if not math.isfinite(total):
             check_matrix(W, name)
@@ -118,7 +119,8 @@ def adapt(
     with torch.no_grad(), _progress(len(plan), f"svdkit {cfg.name} init", False if rank else progress) as bar:
         for i, chunk in enumerate(chunks):  # under torchrun each rank decomposes every world-th chunk
             if i % world == rank:
-                weights = torch.stack([weight_matrix(module).detach() for _, module, _ in chunk])
+                mats = [weight_matrix(module).detach() for _, module, _ in chunk]
+                weights = mats[0].unsqueeze(0) if len(mats) == 1 else torch.stack(mats)  # CPU: a view, no copy
                 _check_finite(weights, [name for name, _, _ in chunk])
                 inits[i] = chunk[0][2].initialize(weights, [name for name, _, _ in chunk], calibration)
             bar.update(len(chunk))

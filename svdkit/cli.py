@@ -56,6 +56,7 @@ def _finetune_parser(sub) -> None:
     f.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
     f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    f.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if there is one, else cpu)")
 
 
 def _finetune_config(args):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             from .finetune import Interrupted, finetune
 
             try:
-                finetune(_finetune_config(args), args.out, resume=args.resume, overwrite=args.overwrite)
+                finetune(_finetune_config(args), args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
             except Interrupted as exc:
                 print(f"svdkit: {exc}", file=sys.stderr)
                 return 130

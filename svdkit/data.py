@@ -284,20 +284,27 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch))).tolist()
 
 
-def batch_at(train_items, step: int, batch_size: int, seed: int) -> list[dict]:
+def batch_at(train_items, step: int, batch_size: int, seed: int, group: int = 16) -> list[dict]:
     """The items of global batch ``step`` (0-based): a pure function of (items, step, batch_size, seed).
 
     An epoch is ceil(n / batch_size) steps through ``epoch_order``; its last batch is short when
-    batch_size does not divide n, so every item is seen exactly once per epoch. Resuming at step k gives
+    batch_size does not divide n, so every item is seen exactly once per epoch. Within each window of
+    ``group`` consecutive batches the items are sorted by length (stable), so a batch holds examples of
+    similar length and little padding (``group=1``: the plain shuffled order). Resuming at step k gives
     the batches an uninterrupted run would have seen.
     """
     n = len(train_items)
-    if n == 0 or batch_size < 1 or step < 0:
-        raise ValueError(f"batch_at needs items, batch_size >= 1, step >= 0; got {n}, {batch_size}, {step}")
+    if n == 0 or batch_size < 1 or step < 0 or group < 1:
+        raise ValueError(f"batch_at needs items, batch_size >= 1, step >= 0, group >= 1; got {n}, {batch_size}, {step}, {group}")
     steps_per_epoch = math.ceil(n / batch_size)
     epoch, i = divmod(step, steps_per_epoch)
     order = epoch_order(n, epoch, seed)
-    return [train_items[j] for j in order[i * batch_size: (i + 1) * batch_size]]
+    first = i // group * group * batch_size  # the window holding batch i
+    window = order[first : first + group * batch_size]
+    if group > 1:
+        window.sort(key=lambda j: len(train_items[j]["input_ids"]))
+    offset = i * batch_size - first
+    return [train_items[j] for j in window[offset : offset + batch_size]]
 
 
 def shard(batch: list, rank: int, world_size: int) -> list:
@@ -324,14 +331,45 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labelled positions, their count) for a collated batch."""
+    """(sum of next-token cross-entropies over labelled positions, their count) for a collated batch.
+
+    Where the model accepts a boolean ``logits_to_keep`` (Hugging Face causal LMs), the output head runs
+    only at positions whose next token is labelled: prompts and padding cost no vocabulary projection.
+    """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    n = int(keep.sum())
+    if _keeps_logits_by_mask(model):
+        mask = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)  # position t predicts token t + 1
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=mask).logits
+        except (IndexError, RuntimeError, TypeError):
+            logits = None
+        if logits is not None and logits.shape[:-1] == (n,):
+            return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum"), n
+        object.__setattr__(getattr(model, "module", model), "_svdkit_mask_logits", False)  # it slices another way
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+    return loss, n
+
+
+def _keeps_logits_by_mask(model) -> bool:
+    """Does ``model`` (or the module DDP wraps) take a boolean (batch, seq) ``logits_to_keep``?"""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    cached = getattr(inner, "_svdkit_mask_logits", None)
+    if cached is None:
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (boolean masks: transformers ≥ 5)
+            cached = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        except (ImportError, TypeError, ValueError):
+            cached = False
+        object.__setattr__(inner, "_svdkit_mask_logits", cached)
+    return cached
 
 
 def eval_loss(model, items: list[dict], batch_size: int, pad_id: int) -> tuple[float, float]:
@@ -346,6 +384,7 @@ def eval_loss(model, items: list[dict], batch_size: int, pad_id: int) -> tuple[f
     model.eval()
     try:
         with torch.no_grad():
+            items = sorted(items, key=lambda x: len(x["input_ids"]))  # similar lengths together: little padding
             for i in range(0, len(items), batch_size):
                 loss, n = token_loss_sum(model, collate(items[i: i + batch_size], pad_id))
                 total, count = total + loss.item(), count + n

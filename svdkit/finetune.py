@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .export import export_peft
 from .files import atomic_dir, write_text
 from .models import load_model
 from .saving import load_adapter, save_adapter
-from .train import Throughput, make_optimizer, rng_state, set_rng_state, train_step
+from .train import make_optimizer, rng_state, set_rng_state, train_step
 
 CONFIG, METRICS, CHECKPOINT, BEFORE = "config.json", "metrics.jsonl", "checkpoint", "before.json"
 
@@ -38,14 +39,14 @@ class FinetuneConfig:
     method: str = "pissa"
     rank: int = 16
     method_options: dict = field(default_factory=dict)  # other fields of the method's config, e.g. {"svd": "randomized"}
-    steps: int = 150
+    steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None  # None: the method's paper default (METHODS.md)
     weight_decay: float | None = None  # None: the method's default (0 for principal-component adapters)
     warmup: int | None = None  # None: 3% of the steps
     max_grad_norm: float = 1.0
-    max_length: int = 256
+    max_length: int = 128
     heldout_fraction: float = 0.1
     max_heldout: int = 64
     eval_every: int = 50
@@ -122,10 +123,16 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume=False, overwrite=False, progress=None, log=print) -> dict:
-    """Run (or resume) a fine-tuning run into ``out``; returns the summary dict also written to eval.json."""
+def finetune(
+    cfg: FinetuneConfig, out: str | os.PathLike, *, resume=False, overwrite=False, device=None, progress=None, log=print
+) -> dict:
+    """Run (or resume) a fine-tuning run into ``out``; returns the summary dict also written to eval.json.
+
+    ``device``: None picks this rank's GPU when there is one (``cuda:LOCAL_RANK``), else the CPU.
+    """
     init_from_env()
     rank, world = rank_and_world()
+    device = torch.device(device or _default_device())
     main = rank == 0
     out = Path(out)
     if main:
@@ -134,6 +141,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume=False, overw
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tok = load_model(cfg.model)
+    model.to(device)
     if tok is None:
         raise ValueError(f"model {cfg.model} has no tokenizer; finetune needs one to read the data.")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -160,16 +168,36 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, *, resume=False, overw
         loop.step = state["step"]
         if main:
             report.truncate_metrics(out / METRICS, loop.step)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = model
+    if world > 1:  # the frozen buffers (A₀, B₀) are identical on every rank: nothing to broadcast
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     model.train()
-    _run_loop(cfg, out, model, ddp, loop, train_items, heldout, pad_id, main, progress)
+    final_eval = _run_loop(cfg, out, model, ddp, loop, train_items, heldout, pad_id, main, progress)
     model.eval()
     if not main:
         _barrier()
         return {}
-    summary = _finish(cfg, out, model, tok, heldout, before, pad_id, log)
+    summary = _finish(cfg, out, model, tok, heldout, before, final_eval, pad_id, log)
     _barrier()
     return summary
+
+
+def _default_device() -> str:
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+
+
+def _micro_batches(cfg, batch: list[dict], rank: int, world: int, pad_id: int) -> list[dict]:
+    """This rank's share of a global batch, split into ≤ grad_accum micro-batches.
+
+    A short last batch of an epoch can leave a rank with nothing; it then runs one fully masked example
+    (zero loss, zero gradient) so that every rank joins DDP's gradient all-reduce.
+    """
+    mine = data.shard(batch, rank, world)
+    if not mine:
+        mine = [dict(batch[0], labels=[data.IGNORE] * len(batch[0]["labels"]))]
+    micro = -(-len(mine) // cfg.grad_accum)
+    return [data.collate(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)]
 
 
 def _evaluate(model, items, cfg, pad_id) -> dict:
@@ -177,23 +205,25 @@ def _evaluate(model, items, cfg, pad_id) -> dict:
     return {"loss": loss, "perplexity": ppl}
 
 
-def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, progress) -> None:
+def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, progress) -> dict | None:
+    """Train to ``cfg.steps``; returns the held-out evaluation made after the last step (rank 0), if any."""
     from tqdm.auto import tqdm
 
     rank, world = rank_and_world()
-    micro = cfg.batch_size // cfg.grad_accum
-    rate = Throughput()
+    evaluation = None
     bar = tqdm(total=cfg.steps, initial=loop.step, desc="svdkit finetune", unit="step",
                disable=(not main) if progress is None else not (progress and main))  # fmt: skip
     try:
         while loop.step < cfg.steps:
-            batch = data.shard(data.batch_at(train_items, loop.step, cfg.batch_size, cfg.seed), rank, world)
-            mbs = [data.collate(batch[i : i + micro], pad_id) for i in range(0, len(batch), micro)]
+            mbs = _micro_batches(cfg, data.batch_at(train_items, loop.step, cfg.batch_size, cfg.seed), rank, world, pad_id)
+            start = time.perf_counter()
             row = train_step(net, ddp, mbs, loop, max_grad_norm=cfg.max_grad_norm, peak_lr=cfg.peak_lr, total=cfg.steps)
-            row["tokens_per_s"] = round(rate(row.pop("tokens")), 1)
+            seconds = time.perf_counter() - start
+            row.update(step_s=round(seconds, 3), tokens_per_s=round(row.pop("tokens") / seconds, 1))
             if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
                 if main:
-                    row["heldout_loss"] = _evaluate(net, heldout, cfg, pad_id)["loss"]
+                    evaluation = _evaluate(net, heldout, cfg, pad_id)
+                    row["heldout_loss"] = evaluation["loss"]
                 net.train()
             if main:
                 report.append_metrics(out / METRICS, row)
@@ -212,15 +242,18 @@ def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, prog
         bar.close()
     if main:
         _save_checkpoint(out, net, loop)
+    return evaluation if loop.step == cfg.steps else None
 
 
-def _finish(cfg, out, model, tok, heldout, before, pad_id, log) -> dict:
-    after = {"eval": _evaluate(model, heldout, cfg, pad_id), "samples": report.generate(model, tok, heldout[: cfg.samples])}
+def _finish(cfg, out, model, tok, heldout, before, final_eval, pad_id, log) -> dict:
+    after = {"eval": final_eval or _evaluate(model, heldout, cfg, pad_id),
+             "samples": report.generate(model, tok, heldout[: cfg.samples])}  # fmt: skip
     save_adapter(model, out / "adapter", overwrite=True)
     export_peft(model, out / "peft", overwrite=True)
     summary = {"method": cfg.method, "rank": cfg.rank, "steps": cfg.steps, "lr": cfg.peak_lr,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "heldout_examples": len(heldout), "before": before["eval"], "after": after["eval"]}  # fmt: skip
+               "heldout_examples": len(heldout), "before": before["eval"], "after": after["eval"],
+               "train": report.train_stats(report.read_metrics(out / METRICS))}  # fmt: skip
     write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     report.write_samples(out / "samples.md", heldout[: cfg.samples], tok, before["samples"], after["samples"])
     report.plot_losses(out / METRICS, out / "loss.png")

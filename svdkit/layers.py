@@ -115,10 +115,22 @@ class SpectralLinear(nn.Module):
         return self.weight.T if self.fan_in_fan_out else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        W, A = self._dense(), self.lora_A
+        subtract = self.init_A is not None and not self.folded
+        if x.dtype != W.dtype or W.dtype != A.dtype or torch.is_autocast_enabled(x.device.type):
+            return self._forward_composed(x, subtract)
+        x2 = x.reshape(-1, self.in_features)
+        xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
+        A0, B0 = (self.init_A, self.init_B) if subtract else (None, None)
+        out = _AdaptedLinearFn.apply(x2, xd, W, self.bias, A, self.lora_B, A0, B0, self.scaling)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _forward_composed(self, x: Tensor, subtract: bool) -> Tensor:
+        """The same function from stock ops, for mixed dtypes (fp32 factors on a bf16 base) and autocast."""
         out = F.linear(x, self._dense(), self.bias)
         h = x.to(self.lora_A.dtype)
         delta = F.linear(F.linear(self.dropout(h), self.lora_A), self.lora_B)
-        if self.init_A is not None and not self.folded:
+        if subtract:
             delta = delta - F.linear(F.linear(h, self.init_A), self.init_B)
         return out + (self.scaling * delta).to(out.dtype)
 
@@ -163,3 +175,61 @@ class SpectralLinear(nn.Module):
         with torch.no_grad():
             self._set_weight(self.merged_weight())
         return self.base
+
+
+class _AdaptedLinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(x_d Aᵀ) Bᵀ − s·(x A₀ᵀ) B₀ᵀ on 2-D x, with hand-written backward.
+
+    Stock autograd would allocate the output-sized ΔY, s·ΔY and the sum, and in backward a second
+    input-sized gradient to add to gout·W. Here the low-rank terms are accumulated into the output and
+    into ∂x in place (``addmm_``), and with no dropout the A and A₀ paths share one GEMM through the
+    stacked [A; A₀] (h₀ negated so that the output side is the stacked [B, B₀]). ``xd`` is dropout(x),
+    or None for no dropout; A₀, B₀ are None when nothing is subtracted.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, W, bias, A, B, A0, B0, s):
+        r = A.shape[0]
+        out = F.linear(x, W, bias)
+        joint = A0 is not None and xd is None
+        if joint:  # h = [x Aᵀ, −x A₀ᵀ]:  out += s·h [B, B₀]ᵀ
+            h = x @ torch.cat([A, A0]).T
+            h[:, r:].neg_()
+            out.addmm_(h, torch.cat([B, B0], dim=1).T, alpha=s)
+        else:
+            h = (x if xd is None else xd) @ A.T
+            out.addmm_(h, B.T, alpha=s)
+            if A0 is not None:
+                out.addmm_(x @ A0.T, B0.T, alpha=-s)
+        ctx.s, ctx.joint = s, joint
+        ctx.save_for_backward(x, xd, W, A, B, A0, B0, h)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, xd, W, A, B, A0, B0, h = ctx.saved_tensors
+        need_x, need_xd, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
+        s, r = ctx.s, A.shape[0]
+        gx = gxd = gW = gb = gA = gB = None
+        if ctx.joint:
+            G = gout @ torch.cat([B, B0], dim=1)  # (n, 2r); ∂h = s·G, and h₀ was negated
+            G1 = G[:, :r]
+            gA = s * (G1.T @ x) if need_A else None
+            if need_x:
+                G[:, r:].neg_()
+                gx = (gout @ W).addmm_(G, torch.cat([A, A0]), alpha=s)
+        else:
+            G1 = gout @ B
+            gA = s * (G1.T @ (x if xd is None else xd)) if need_A else None
+            if need_x:
+                gx = gout @ W
+                if xd is None:
+                    gx.addmm_(G1, A, alpha=s)
+                if A0 is not None:
+                    gx.addmm_(gout @ B0, A0, alpha=-s)
+            if need_xd and xd is not None:
+                gxd = s * (G1 @ A)
+        gB = s * (gout.T @ h[:, :r]) if need_B else None
+        gW = gout.T @ x if need_W else None
+        gb = gout.sum(0) if need_b else None
+        return gx, gxd, gW, gb, gA, gB, None, None, None

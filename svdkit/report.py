@@ -82,15 +82,27 @@ def plot_losses(metrics: Path, png: Path) -> None:
     tmp.replace(png)
 
 
+def train_stats(rows: list[dict]) -> dict:
+    """Training time (sum and median of the step times) and the mean loss of the last 10 steps."""
+    import statistics
+
+    times, losses = [r["step_s"] for r in rows if "step_s" in r], [r["loss"] for r in rows[-10:]]
+    return {"seconds": round(sum(times), 1), "median_step_s": round(statistics.median(times), 3) if times else None,
+            "last_10_loss": statistics.fmean(losses) if losses else None}  # fmt: skip
+
+
 def summary_text(out: Path, s: dict, merged: bool) -> str:
-    b, a = s["before"], s["after"]
+    b, a, t = s["before"], s["after"], s["train"]
     lines = [
         f"svdkit finetune: {s['method']} rank {s['rank']}, {s['steps']} steps, lr {s['lr']:g}, "
         f"{s['trainable_parameters']:,} trainable parameters",
+        f"training       {t['seconds']:.0f} s in steps ({t['median_step_s']} s/step median); "
+        f"train loss of the last 10 steps {t['last_10_loss']:.4f}",
         f"held-out loss  {b['loss']:.4f} -> {a['loss']:.4f}   perplexity {b['perplexity']:.2f} -> {a['perplexity']:.2f}"
         f"   ({s['heldout_examples']} examples)",
         f"wrote {out}/: config.json metrics.jsonl loss.png eval.json samples.md adapter/ peft/ checkpoint/"
         + (" merged/" if merged else ""),
+        f"samples before/after: {out}/samples.md    curves: {out}/loss.png",
         f"load with PEFT: PeftModel.from_pretrained(base, '{out}/peft')",
     ]
     return "\n".join(lines)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,15 +91,3 @@ def train_step(
         torch.distributed.all_reduce(summed)
     return {"step": loop.step, "loss": float(summed[0]) / n_tokens, "lr": lr, "grad_norm": grad_norm,
             "tokens": int(n_tokens)}  # fmt: skip
-
-
-class Throughput:
-    """Tokens per second over the last step."""
-
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def __call__(self, tokens: int) -> float:
-        now = time.perf_counter()
-        rate, self.t = tokens / max(now - self.t, 1e-9), now
-        return rate

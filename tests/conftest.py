@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+
+import svdkit
 
 ARCHS = ("llama", "gpt2", "bert")
 VOCAB = 128
@@ -51,3 +55,21 @@ def perturb_adapters(model, scale: float = 0.05, seed: int = 1) -> None:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory):
+    """A tiny Llama (hidden 32) with the SmolLM2 tokenizer saved as a local folder, and a JSONL file."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("ft")
+    tok = tf.AutoTokenizer.from_pretrained(str(svdkit.models.default_model_dir()))
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)  # fmt: skip
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    lines = [json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
+             for a in range(8) for b in range(5)]  # fmt: skip
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "model", root / "data.jsonl"

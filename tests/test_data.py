@@ -218,6 +218,22 @@ def test_batch_at_epochs_are_permutations_and_reproducible():
         data.batch_at(items, -1, bs, seed)
 
 
+def test_batch_at_groups_similar_lengths_within_a_window():
+    items = [{"input_ids": [i] * (1 + (i * 7) % 11), "labels": [i]} for i in range(20)]
+    lengths = lambda b: [len(x["input_ids"]) for x in b]  # noqa: E731
+    order = data.epoch_order(20, 0, 5)
+    for group in (1, 2, 7):
+        batches = [data.batch_at(items, i, 3, 5, group=group) for i in range(7)]  # one epoch: 6 × 3 + 2
+        assert sorted(x["labels"][0] for b in batches for x in b) == list(range(20))
+        for w in range(0, 7, group):  # window w..w+group-1 holds the same items as the shuffled order, sorted
+            got = [x for b in batches[w : w + group] for x in b]
+            expected = [items[j] for j in order[w * 3 : (w + group) * 3]]
+            assert lengths(got) == sorted(lengths(expected)) if group > 1 else got == expected
+    assert data.batch_at(items, 9, 3, 5, group=7) == data.batch_at(items, 9, 3, 5, group=7)  # pure
+    with pytest.raises(ValueError, match="group"):
+        data.batch_at(items, 0, 3, 5, group=0)
+
+
 @pytest.mark.parametrize("n,world", [(8, 4), (7, 3), (2, 4), (0, 2), (5, 1)])
 def test_shard_covers_the_batch_exactly(n, world):
     batch = list(range(n))

@@ -17,24 +17,6 @@ import svdkit
 from svdkit.finetune import FinetuneConfig, finetune
 
 
-@pytest.fixture(scope="module")
-def tiny_run_inputs(tmp_path_factory):
-    """A tiny Llama (hidden 32) with the SmolLM2 tokenizer saved as a local folder, and a JSONL file."""
-    import transformers as tf
-
-    root = tmp_path_factory.mktemp("ft")
-    tok = tf.AutoTokenizer.from_pretrained(str(svdkit.models.default_model_dir()))
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)  # fmt: skip
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    lines = [json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
-             for a in range(8) for b in range(5)]  # fmt: skip
-    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "model", root / "data.jsonl"
-
-
 def _cfg(inputs, **kw):
     model, data = inputs
     base = dict(model=str(model), data=str(data), method="pissa", rank=2, steps=6, batch_size=4, lr=1e-2,
@@ -131,3 +113,16 @@ def test_bad_runs_are_refused(tiny_run_inputs, tmp_path):
         finetune(_cfg(tiny_run_inputs, steps=3), tmp_path / "done", resume=True, progress=False)
     with pytest.raises(ValueError, match="unknown method 'pisa'"):
         _cfg(tiny_run_inputs, method="pisa")
+
+
+def test_micro_batches_split_the_rank_share_and_mask_an_empty_one():
+    from svdkit.finetune import _micro_batches
+
+    items = [{"input_ids": [1, 2, 3 + i], "labels": [1, 2, 3 + i]} for i in range(3)]
+    cfg = FinetuneConfig(batch_size=4, grad_accum=2)
+    r0 = _micro_batches(cfg, items, rank=0, world=2, pad_id=0)  # share of 2, accumulated in 2 steps
+    assert [mb["input_ids"][:, 2].tolist() for mb in r0] == [[3], [4]]
+    r1 = _micro_batches(cfg, items, rank=1, world=2, pad_id=0)
+    assert [mb["input_ids"][:, 2].tolist() for mb in r1] == [[5]]
+    (empty,) = _micro_batches(cfg, items[:1], rank=1, world=2, pad_id=0)  # a 1-example last batch
+    assert empty["input_ids"].tolist() == [[1, 2, 3]] and (empty["labels"] == -100).all()
