@@ -13,7 +13,7 @@ from torch import nn
 from .config import AdapterConfig
 from .distributed import broadcast_init, rank_and_world
 from .fingerprint import tensor_fingerprint
-from .layers import SpectralLinear, weight_matrix
+from .layers import SpectralLinear, apply_core, weight_matrix
 from .linalg import check_matrix
 from .targets import select_targets
 
@@ -77,7 +77,9 @@ def _batches(plan):
         key = (json.dumps(mcfg.to_dict(), sort_keys=True), tuple(W.shape), W.dtype, W.device)
         groups.setdefault(key, []).append(item)
     for (_, _, _, device), items in groups.items():
-        per = 1 if device.type == "cpu" else max(1, MAX_BATCH_ELEMENTS // weight_matrix(items[0][1]).numel())
+        per = max(1, MAX_BATCH_ELEMENTS // weight_matrix(items[0][1]).numel())
+        if device.type == "cpu" or not items[0][2].batched:
+            per = 1
         for start in range(0, len(items), per):
             yield items[start : start + per]
 
@@ -130,15 +132,25 @@ def adapt(
     layers: dict[str, SpectralLinear] = {}
     for chunk, init in zip(chunks, inits):
         for i, (name, module, mcfg) in enumerate(chunk):
-            A, B = init.A[i], init.B[i]
-            layers[name] = SpectralLinear(
-                module, A, B,
-                A0=A if init.subtract else None, B0=B if init.subtract else None,
-                scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
-                fingerprint=tensor_fingerprint(weight_matrix(module)),
-            )  # fmt: skip
+            layers[name] = build_layer(module, mcfg, init, i)
     install(model, cfg, layers)
     return model
+
+
+def build_layer(module: nn.Module, mcfg: AdapterConfig, init, i: int) -> SpectralLinear:
+    """The adapted layer for item ``i`` of a batched :class:`~svdkit.layers.Init`."""
+    t = init.layer(i)
+    core = mcfg.make_core(t["core"]) if t["core"] else None
+    A0, B0 = t["A0"], t["B0"]
+    if init.subtract:  # frozen copies of the initial update's factors: B₀ = B·C(init), A₀ = A
+        with torch.no_grad():
+            A0 = t["A"]
+            B0 = apply_core(t["B"], core() if core is not None else None)
+    return SpectralLinear(
+        module, t["A"], t["B"], A0=A0, B0=B0, core=core, bias=init.bias,
+        scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
+        fingerprint=tensor_fingerprint(weight_matrix(module)),
+    )  # fmt: skip
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -155,8 +167,8 @@ def install(model: nn.Module, cfg: AdapterConfig, layers: dict[str, SpectralLine
     for name, param in model.named_parameters():
         param.requires_grad_(False)
     for layer in layers.values():
-        for key in layer.trainable:
-            getattr(layer, f"lora_{key}").requires_grad_(True)
+        for _, param in layer.adapter_parameters():
+            param.requires_grad_(True)
     model._svdkit = AdaptState(cfg, {name: cfg.for_module(name) for name in layers}, flags)
 
 

@@ -67,6 +67,8 @@ class AdapterConfig:
     export_rank: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     uses_calibration: ClassVar[bool] = False  # data-aware methods take svdkit.calibrate() statistics
+    exports_lora: ClassVar[bool] = True  # False: the update is not low-rank; ship merged weights instead
+    batched: ClassVar[bool] = True  # False: layers get their own ranks, so each is initialized alone
     lr: ClassVar[float] = 2e-4  # the paper's learning rate (svdkit finetune's default for the method)
     weight_decay: ClassVar[float] = 0.0  # 0 for adapters initialized from principal components
 
@@ -120,6 +122,14 @@ class AdapterConfig:
     def initialize(self, weights: torch.Tensor, names: Sequence[str], calibration=None) -> "Init":
         """Adapter factors for a batch of same-shaped weights ``(b, m, n)`` named ``names``."""
         raise NotImplementedError(f"{type(self).__name__} does not define initialize().")
+
+    def make_core(self, tensors: dict[str, torch.Tensor]) -> "torch.nn.Module | None":
+        """The trainable core C between B and A for one layer, from its ``Init.core`` (or saved) tensors.
+
+        A core is an ``nn.Module`` whose ``forward()`` returns a vector (a diagonal C) or a matrix; its
+        parameters and buffers must be exactly ``tensors`` (so that save/load round-trips).
+        """
+        return None
 
     def regularizer(self, layer) -> torch.Tensor | None:
         """This method's extra loss for one adapted layer, or None (the default)."""

@@ -32,13 +32,24 @@ def broadcast_init(init, src: int, device: torch.device):
     from .layers import Init
 
     dist = torch.distributed
-    header = [None if init is None else (tuple(init.A.shape), tuple(init.B.shape), init.A.dtype,
-                                         sorted(init.trainable), init.subtract)]  # fmt: skip
+    fields = ("A", "B", "A0", "B0")
+    header = [None]
+    if init is not None:
+        tensors = {k: getattr(init, k) for k in fields if getattr(init, k) is not None}
+        tensors.update({f"core.{k}": v for k, v in init.core.items()})
+        header = [({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
+                   sorted(init.trainable), init.subtract, init.bias)]  # fmt: skip
     dist.broadcast_object_list(header, src=src)
-    a_shape, b_shape, dtype, trainable, subtract = header[0]
+    specs, trainable, subtract, bias = header[0]
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    A = init.A.to(comm).contiguous() if init is not None else torch.empty(a_shape, dtype=dtype, device=comm)
-    B = init.B.to(comm).contiguous() if init is not None else torch.empty(b_shape, dtype=dtype, device=comm)
-    dist.broadcast(A, src=src)
-    dist.broadcast(B, src=src)
-    return Init(A=A.to(device), B=B.to(device), trainable=frozenset(trainable), subtract=subtract)
+    got = {}
+    for key, (shape, dtype) in specs.items():
+        if init is not None:
+            value = tensors[key].to(comm).contiguous()
+        else:
+            value = torch.empty(shape, dtype=dtype, device=comm)
+        dist.broadcast(value, src=src)
+        got[key] = value.to(device)
+    core = {k.split(".", 1)[1]: v for k, v in got.items() if k.startswith("core.")}
+    return Init(A=got.get("A"), B=got.get("B"), A0=got.get("A0"), B0=got.get("B0"), core=core,
+                trainable=frozenset(trainable), subtract=subtract, bias=bias)  # fmt: skip

@@ -1,8 +1,9 @@
 """export_peft: a standard PEFT LoRA adapter, relative to the *original* base weights.
 
 PEFT (and vLLM, TGI) compute y = W x + (α'/r')·B' A' x. svdkit's update relative to the original W is
-ΔW = s·(B A − B₀ A₀), an exact LoRA of rank 2r: A' = [A; A₀], B' = [B, −B₀] (METHODS.md §0). When one
-factor is frozen it is exactly rank r: (B − B₀) A or B (A − A₀). α' is chosen so that α'/r' = s
+ΔW = s·(B C A − B₀ A₀), an exact LoRA of rank 2r: A' = [A; A₀], B' = [B C, −B₀] (METHODS.md §0). When
+one factor is frozen it is exactly rank r: (B C − B₀) A or B (A − A₀). Methods whose update is not
+low-rank (SVFT, CLIP-SVD, SALT, …) are refused with a pointer to the merged export. α' is chosen so that α'/r' = s
 (α'/√r' = s under rsLoRA).
 """
 
@@ -25,15 +26,19 @@ from .layers import SpectralLinear
 
 def lora_factors(layer: SpectralLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_A', lora_B') with s·B' A' = the layer's ΔW relative to its original weight."""
-    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    A, Bc = layer.lora_A, layer.output_factor()
+    if A is None or Bc is None:
+        raise ValueError(f"this layer's update acts on the full {layer.out_features}×{layer.in_features} weight; "
+                         "it has no low-rank factors to export.")
+    A, Bc = A.detach(), Bc.detach()
     if layer.init_A is None:
-        return A, B
+        return A, Bc
     A0, B0 = layer.init_A, layer.init_B
-    if "A" not in layer.trainable:
-        return A, B - B0
-    if "B" not in layer.trainable:
-        return A - A0, B
-    return torch.cat([A, A0], 0), torch.cat([B, -B0], 1)
+    if "A" not in layer.trainable and torch.equal(A0, A):  # shared input basis: (B C − B₀) A, rank r
+        return A, Bc - B0
+    if "B" not in layer.trainable and layer.core is None and torch.equal(B0, Bc):
+        return A - A0, Bc
+    return torch.cat([A, A0], 0), torch.cat([Bc, -B0], 1)
 
 
 def _task_type(model: nn.Module) -> str | None:
@@ -51,6 +56,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = 
     from safetensors.torch import save_file
 
     cfg = state(model).config
+    if not cfg.exports_lora:
+        raise ValueError(
+            f"{type(cfg).__name__}'s update is not low-rank (export rank: {cfg.export_rank}), so there is no exact "
+            "PEFT LoRA for it. Ship the merged weights instead: svdkit.merge(model), then model.save_pretrained(dir) "
+            "(svdkit finetune --merge does this)."
+        )
     tensors, ranks, alphas, conv1d = {}, {}, {}, False
     for name, layer in adapted_layers(model):
         A, B = lora_factors(layer)

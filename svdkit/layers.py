@@ -1,12 +1,16 @@
 """The adapted-layer type shared by every method.
 
-    y = x W₀ᵀ + b + s·B A·drop(x) − s·B₀ A₀·x          (default, base weight untouched)
-    y = x W_resᵀ + b + s·B A·drop(x),  W_res = W₀ − s·B₀A₀   (``fold=True``)
+    y = x W₀ᵀ + b + s·B C A·drop(x) − s·B₀ A₀·x          (default, base weight untouched)
+    y = x W_resᵀ + b + s·B C A·drop(x),  W_res = W₀ − s·B₀A₀   (``fold=True``)
 
-A (r × in) is the input-side factor and B (out × r) the output side, as PEFT's ``lora_A``/``lora_B``.
-Methods differ only in how A and B are initialized and which of them train; the frozen copies
-B₀, A₀ exist only for methods whose initial update is non-zero (PiSSA, MiLoRA, …), so that the
-adapted model computes exactly the original function at init without touching the original weight.
+A (r × in) is the input-side factor and B (out × r) the output side, as PEFT's ``lora_A``/``lora_B``;
+either may be absent (the identity). C is an optional trainable *core* between them (a module that
+returns a vector, read as a diagonal, or a matrix): singular values (SVFit), a sparse matrix (SVFT), a
+Cayley rotation (Spectral Adapter R), an r×r mixing matrix (NLoRA), … Methods differ in how A, C, B are
+initialized and which of them train. The frozen B₀, A₀ exist only for methods whose initial update is
+non-zero (PiSSA, SORSA, …: B₀ = B·C at init, A₀ = A) or that remove part of the weight by design (KaSA's
+truncated tail), so the adapted model computes its function without the original weight ever being
+written.
 """
 
 from __future__ import annotations
@@ -24,12 +28,22 @@ FACTORS = ("A", "B")
 
 @dataclass
 class Init:
-    """What a method's ``initialize`` returns for a batch of b same-shaped layers."""
+    """What a method's ``initialize`` returns for a batch of b same-shaped layers (stacked on dim 0)."""
 
-    A: Tensor  # (b, r, n) input side
-    B: Tensor  # (b, m, r) output side
-    trainable: frozenset = field(default_factory=lambda: frozenset(FACTORS))
-    subtract: bool = True  # B·A ≠ 0 at init: keep B₀, A₀ so that the init preserves the function
+    A: Tensor | None  # (b, r, n) input side; None: the identity (r = n)
+    B: Tensor | None  # (b, m, r) output side; None: the identity (r = m)
+    trainable: frozenset = field(default_factory=lambda: frozenset(FACTORS))  # which of A, B train
+    subtract: bool = True  # B·C·A ≠ 0 at init: keep B₀ = B·C, A₀ = A so that the init preserves the function
+    core: dict = field(default_factory=dict)  # the core's tensors, each (b, ...): the method's ``make_core`` input
+    A0: Tensor | None = None  # explicit frozen s·B₀A₀ to subtract (e.g. KaSA's discarded tail); subtract=False
+    B0: Tensor | None = None
+    bias: bool = False  # train an additive output bias Δb (VectorFit)
+
+    def layer(self, i: int) -> dict:
+        """Layer i's slice of every tensor."""
+        pick = lambda t: None if t is None else t[i]  # noqa: E731
+        return dict(A=pick(self.A), B=pick(self.B), A0=pick(self.A0), B0=pick(self.B0),
+                    core={k: v[i] for k, v in self.core.items()})  # fmt: skip
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
@@ -42,8 +56,17 @@ def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def apply_core(B: Tensor | None, c: Tensor | None) -> Tensor | None:
+    """B·C for a core value c: a vector (diagonal C) or a matrix; B = None is the identity."""
+    if c is None:
+        return B
+    if c.ndim == 1:
+        return torch.diag(c) if B is None else B * c
+    return c if B is None else B @ c
+
+
 class SpectralLinear(nn.Module):
-    """A linear (or Conv1D) layer with a low-rank spectral adapter.
+    """A linear (or Conv1D) layer with a spectral adapter (see the module docstring).
 
     Holds the base module's own ``weight`` and ``bias`` Parameters (so their state-dict keys do not
     change) and keeps the base module object to put back on :func:`svdkit.unadapt`/``merge``.
@@ -52,13 +75,15 @@ class SpectralLinear(nn.Module):
     def __init__(
         self,
         base: nn.Module,
-        A: Tensor,
-        B: Tensor,
+        A: Tensor | None,
+        B: Tensor | None,
         *,
         scaling: float,
         A0: Tensor | None = None,
         B0: Tensor | None = None,
+        core: nn.Module | None = None,
         trainable: frozenset = frozenset(FACTORS),
+        bias: bool = False,
         fold: bool = False,
         dropout: float = 0.0,
         fingerprint: str = "",
@@ -81,16 +106,37 @@ class SpectralLinear(nn.Module):
             return t.detach().to(device=W.device, dtype=dtype).clone(memory_format=torch.contiguous_format)
 
         for key, value in (("A", A), ("B", B)):
-            if key in self.trainable:
+            if value is None:
+                setattr(self, f"lora_{key}", None)
+            elif key in self.trainable:
                 setattr(self, f"lora_{key}", nn.Parameter(own(value)))
             else:
                 self.register_buffer(f"lora_{key}", own(value))
+        if B is None and core is None:
+            raise ValueError("an adapter needs an output factor B or a core")
+        if core is not None:
+            core = core.to(device=W.device, dtype=dtype)
+        self.core = core
         if A0 is not None:
             self.register_buffer("init_A", own(A0))
             self.register_buffer("init_B", own(B0))
         else:
             self.init_A = self.init_B = None
+        self.lora_bias = nn.Parameter(torch.zeros(self.out_features, device=W.device, dtype=dtype)) if bias else None
         self.weight = base.weight
+
+    @property
+    def rank(self) -> int:
+        """Inner dimension r of the update (A's rows; the input size when A is the identity)."""
+        return self.lora_A.shape[0] if self.lora_A is not None else self.in_features
+
+    def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable tensors of this adapter (everything but the base weight and bias)."""
+        return [(n, p) for n, p in self.named_parameters() if n not in ("weight", "bias")]
+
+    def output_factor(self) -> Tensor | None:
+        """B·C, the output side with the core applied (None: the identity)."""
+        return apply_core(self.lora_B, self.core() if self.core is not None else None)
 
     def fold_base(self) -> None:
         """Replace the weight by W_res = W − s·B₀A₀ (a new tensor; the forward then skips B₀A₀)."""
@@ -99,10 +145,6 @@ class SpectralLinear(nn.Module):
             with torch.no_grad():
                 self._set_weight((W.to(self.init_A.dtype) - self.scaling * (self.init_B @ self.init_A)).to(W.dtype))
             self.folded = True
-
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
 
     def _set_weight(self, matrix: Tensor) -> None:
         """Give this layer and its base a new weight Parameter (never writes into the old tensor)."""
@@ -115,32 +157,39 @@ class SpectralLinear(nn.Module):
         return self.weight.T if self.fan_in_fan_out else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        W, A = self._dense(), self.lora_A
+        W, Bc = self._dense(), self.output_factor()
         subtract = self.init_A is not None and not self.folded
-        if x.dtype != W.dtype or W.dtype != A.dtype or torch.is_autocast_enabled(x.device.type):
-            return self._forward_composed(x, subtract)
-        x2 = x.reshape(-1, self.in_features)
-        xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
-        A0, B0 = (self.init_A, self.init_B) if subtract else (None, None)
-        out = _AdaptedLinearFn.apply(x2, xd, W, self.bias, A, self.lora_B, A0, B0, self.scaling)
-        return out.view(*x.shape[:-1], self.out_features)
+        if x.dtype != W.dtype or W.dtype != Bc.dtype or torch.is_autocast_enabled(x.device.type):
+            out = self._forward_composed(x, Bc, subtract)
+        else:
+            x2 = x.reshape(-1, self.in_features)
+            xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
+            A0, B0 = (self.init_A, self.init_B) if subtract else (None, None)
+            out = _AdaptedLinearFn.apply(x2, xd, W, self.bias, self.lora_A, Bc, A0, B0, self.scaling)
+            out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.lora_bias is None else out + self.lora_bias.to(out.dtype)
 
-    def _forward_composed(self, x: Tensor, subtract: bool) -> Tensor:
+    def _forward_composed(self, x: Tensor, Bc: Tensor, subtract: bool) -> Tensor:
         """The same function from stock ops, for mixed dtypes (fp32 factors on a bf16 base) and autocast."""
         out = F.linear(x, self._dense(), self.bias)
-        h = x.to(self.lora_A.dtype)
-        delta = F.linear(F.linear(self.dropout(h), self.lora_A), self.lora_B)
+        h = self.dropout(x.to(Bc.dtype))
+        if self.lora_A is not None:
+            h = F.linear(h, self.lora_A)
+        delta = F.linear(h, Bc)
         if subtract:
-            delta = delta - F.linear(F.linear(h, self.init_A), self.init_B)
+            delta = delta - F.linear(F.linear(x.to(Bc.dtype), self.init_A), self.init_B)
         return out + (self.scaling * delta).to(out.dtype)
 
     # -- dense views (fp32 or the factor dtype) --------------------------------------------------
+    def _update(self, subtract: bool) -> Tensor:
+        """B C A (− B₀ A₀), unscaled, shape (out, in)."""
+        Bc = self.output_factor()
+        update = Bc if self.lora_A is None else Bc @ self.lora_A
+        return update - self.init_B @ self.init_A if subtract else update
+
     def delta_weight(self) -> Tensor:
-        """ΔW relative to the original weight: s·(B A − B₀ A₀), shape (out, in)."""
-        delta = self.lora_B @ self.lora_A
-        if self.init_A is not None:
-            delta = delta - self.init_B @ self.init_A
-        return self.scaling * delta
+        """ΔW relative to the original weight: s·(B C A − B₀ A₀), shape (out, in)."""
+        return self.scaling * self._update(self.init_A is not None)
 
     def original_weight(self) -> Tensor:
         """The weight the layer was adapted from: bit-exact unless folded (then W_res + s·B₀A₀)."""
@@ -151,16 +200,20 @@ class SpectralLinear(nn.Module):
 
     def merged_weight(self) -> Tensor:
         W = self._dense()
-        added = self.lora_B @ self.lora_A
-        if self.init_A is not None and not self.folded:
-            added = added - self.init_B @ self.init_A
-        return (W.to(added.dtype) + self.scaling * added).to(W.dtype)
+        update = self._update(self.init_A is not None and not self.folded)  # W_res already lacks s·B₀A₀
+        return (W.to(update.dtype) + self.scaling * update).to(W.dtype)
+
+    def merged_bias(self) -> Tensor | None:
+        if self.lora_bias is None:
+            return self.bias
+        b = self.lora_bias.detach() if self.bias is None else self.bias.detach() + self.lora_bias.detach()
+        return b.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         mode = "folded" if self.folded else ("subtract-init" if self.init_A is not None else "zero-init")
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
-            f"trains={sorted(self.trainable)}, {mode}"
+            f"trains={sorted(n for n, _ in self.adapter_parameters())}, {mode}"
         )
 
     # -- leaving -------------------------------------------------------------------------------
@@ -171,9 +224,11 @@ class SpectralLinear(nn.Module):
         return self.base
 
     def merged(self) -> nn.Module:
-        """The base module with the adapter folded into a new weight Parameter."""
+        """The base module with the adapter folded into new weight (and bias) Parameters."""
         with torch.no_grad():
             self._set_weight(self.merged_weight())
+            if self.lora_bias is not None:
+                self.base.bias = nn.Parameter(self.merged_bias(), requires_grad=False)
         return self.base
 
 
@@ -184,20 +239,21 @@ class _AdaptedLinearFn(torch.autograd.Function):
     input-sized gradient to add to gout·W. Here the low-rank terms are accumulated into the output and
     into ∂x in place (``addmm_``), and with no dropout the A and A₀ paths share one GEMM through the
     stacked [A; A₀] (h₀ negated so that the output side is the stacked [B, B₀]). ``xd`` is dropout(x),
-    or None for no dropout; A₀, B₀ are None when nothing is subtracted.
+    or None for no dropout; A = None is the identity; A₀, B₀ are None when nothing is subtracted.
     """
 
     @staticmethod
     def forward(ctx, x, xd, W, bias, A, B, A0, B0, s):
-        r = A.shape[0]
         out = F.linear(x, W, bias)
-        joint = A0 is not None and xd is None
+        joint = A0 is not None and xd is None and A is not None
         if joint:  # h = [x Aᵀ, −x A₀ᵀ]:  out += s·h [B, B₀]ᵀ
+            r = A.shape[0]
             h = x @ torch.cat([A, A0]).T
             h[:, r:].neg_()
             out.addmm_(h, torch.cat([B, B0], dim=1).T, alpha=s)
         else:
-            h = (x if xd is None else xd) @ A.T
+            src = x if xd is None else xd
+            h = src if A is None else src @ A.T
             out.addmm_(h, B.T, alpha=s)
             if A0 is not None:
                 out.addmm_(x @ A0.T, B0.T, alpha=-s)
@@ -209,8 +265,9 @@ class _AdaptedLinearFn(torch.autograd.Function):
     def backward(ctx, gout):
         x, xd, W, A, B, A0, B0, h = ctx.saved_tensors
         need_x, need_xd, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        s, r = ctx.s, A.shape[0]
-        gx = gxd = gW = gb = gA = gB = None
+        s, r = ctx.s, B.shape[1]
+        src = x if xd is None else xd
+        gx = gxd = None
         if ctx.joint:
             G = gout @ torch.cat([B, B0], dim=1)  # (n, 2r); ∂h = s·G, and h₀ was negated
             G1 = G[:, :r]
@@ -220,15 +277,15 @@ class _AdaptedLinearFn(torch.autograd.Function):
                 gx = (gout @ W).addmm_(G, torch.cat([A, A0]), alpha=s)
         else:
             G1 = gout @ B
-            gA = s * (G1.T @ (x if xd is None else xd)) if need_A else None
+            gA = s * (G1.T @ src) if need_A else None
             if need_x:
                 gx = gout @ W
                 if xd is None:
-                    gx.addmm_(G1, A, alpha=s)
+                    gx.addmm_(G1, A, alpha=s) if A is not None else gx.add_(G1, alpha=s)
                 if A0 is not None:
                     gx.addmm_(gout @ B0, A0, alpha=-s)
             if need_xd and xd is not None:
-                gxd = s * (G1 @ A)
+                gxd = s * (G1 @ A) if A is not None else s * G1
         gB = s * (gout.T @ h[:, :r]) if need_B else None
         gW = gout.T @ x if need_W else None
         gb = gout.sum(0) if need_b else None

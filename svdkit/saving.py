@@ -1,9 +1,10 @@
 """save_adapter / load_adapter: the svdkit adapter format.
 
-A folder with ``svdkit.json`` (config, per-module ranks/scalings, fingerprints of the base weights,
-version) and ``adapter.safetensors`` (``<module>.lora_A``, ``.lora_B`` and, for methods whose init is
-non-zero, the frozen ``.init_A``, ``.init_B``). Loading never recomputes an SVD: it rebuilds the layers
-from the stored tensors, after checking that the base weights are the ones the adapter was made from.
+A folder with ``svdkit.json`` (config, per-module scalings, flags, tensor shapes, fingerprints of the
+base weights, version) and ``adapter.safetensors`` (every adapter tensor of every layer, trainable or
+frozen: ``<module>.lora_A``, ``.lora_B``, the core's ``.core.*``, and for methods whose init is non-zero
+the frozen ``.init_A``, ``.init_B``). Loading never recomputes an SVD: it rebuilds the layers from the
+stored tensors, after checking that the base weights are the ones the adapter was made from.
 """
 
 from __future__ import annotations
@@ -40,20 +41,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
     st = state(model)
     modules, tensors = {}, {}
     for name, layer in adapted_layers(model):
+        own = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items() if k not in ("weight", "bias")}
         modules[name] = {
             "shape": [layer.out_features, layer.in_features],
             "rank": layer.rank,
             "scaling": layer.scaling,
-            "trainable": sorted(layer.trainable),
             "subtract": layer.init_A is not None,
+            "trainable": sorted(layer.trainable),
             "fold": layer.folded,
             "dropout": getattr(layer.dropout, "p", 0.0),
             "fingerprint": layer.fingerprint,
+            "tensors": {k: list(v.shape) for k, v in own.items()},
         }
-        for key in ("lora_A", "lora_B", "init_A", "init_B"):
-            value = getattr(layer, key)
-            if value is not None:
-                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+        tensors.update({f"{name}.{k}": v for k, v in own.items()})
     meta = {
         "format": FORMAT,
         "svdkit_version": __version__,
@@ -125,21 +125,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = _check_base(model, meta["modules"])
     layers = {}
     for name, info in meta["modules"].items():
-        m, n = info["shape"]
-        r = info["rank"]
-        expected = {"lora_A": (r, n), "lora_B": (m, r)}
-        if info["subtract"]:
-            expected.update(init_A=(r, n), init_B=(m, r))
-        for key, shape in expected.items():
+        own = {}
+        for key, shape in info["tensors"].items():
             value = tensors.get(f"{name}.{key}")
-            if value is None or tuple(value.shape) != shape:
+            if value is None or list(value.shape) != shape:
                 got = "missing" if value is None else f"shaped {tuple(value.shape)}"
-                raise AdapterFormatError(f"{Path(path) / TENSORS}: {name}.{key} is {got}, expected {shape}; the adapter is corrupt.")
-        get = lambda key: tensors.get(f"{name}.{key}")  # noqa: E731
-        layers[name] = SpectralLinear(
-            modules[name], get("lora_A"), get("lora_B"), A0=get("init_A"), B0=get("init_B"),
-            scaling=info["scaling"], trainable=frozenset(info["trainable"]), fold=info["fold"],
-            dropout=info["dropout"], fingerprint=info["fingerprint"],
-        )  # fmt: skip
+                raise AdapterFormatError(f"{Path(path) / TENSORS}: {name}.{key} is {got}, expected {tuple(shape)}; the adapter is corrupt.")
+            own[key] = value
+        core = {k.split(".", 1)[1]: v for k, v in own.items() if k.startswith("core.")}
+        try:
+            layers[name] = SpectralLinear(
+                modules[name], own.get("lora_A"), own.get("lora_B"), A0=own.get("init_A"), B0=own.get("init_B"),
+                core=cfg.for_module(name).make_core(core) if core else None, bias="lora_bias" in own,
+                scaling=info["scaling"], trainable=frozenset(info["trainable"]), fold=info["fold"],
+                dropout=info["dropout"], fingerprint=info["fingerprint"],
+            )  # fmt: skip
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise AdapterFormatError(f"{Path(path)}: {name} cannot be rebuilt ({exc}); the adapter is corrupt.") from None
+        if "lora_bias" in own:
+            with torch.no_grad():
+                layers[name].lora_bias.copy_(own["lora_bias"])
     install(model, cfg, layers)
     return model

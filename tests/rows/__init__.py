@@ -1,0 +1,37 @@
+"""Conformance-table rows (DESIGN.md §2), one module per method family, gathered by test_conformance.
+
+A row names a method config, its trainable-parameter formula per matrix (from METHODS.md) and, for a
+method that changes the function at init by design, the weight its paper prescribes at init.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import svdkit
+
+
+@dataclass
+class Row:
+    method: str
+    options: dict = field(default_factory=dict)
+    # trainable parameters of one adapted matrix W (m × n) under its config; default LoRA's r(m + n)
+    params: Callable[[torch.Tensor, object], int] = lambda W, cfg: cfg.rank * sum(W.shape)
+    # for methods that change the function at init by design: W ↦ the weight the paper prescribes at init
+    init_weight: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+    id: str = ""
+
+    def config(self):
+        return svdkit.config(self.method, **self.options)
+
+
+def all_rows() -> list[Row]:
+    rows = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        rows += importlib.import_module(f"{__name__}.{info.name}").ROWS
+    return rows
