@@ -58,7 +58,7 @@ def _plan(model: nn.Module, cfg: AdapterConfig) -> list[tuple[str, nn.Module, Ad
         if not torch.is_floating_point(W):
             check_matrix(W, name)  # raises, naming the module
         m, n = W.shape
-        if mcfg.rank >= min(m, n):
+        if mcfg.uses_rank and mcfg.rank >= min(m, n):
             raise ValueError(
                 f"rank {mcfg.rank} is too large for {name} (weight {m}×{n}): it must be < min(out, in) = "
                 f"{min(m, n)}. Lower the rank, exclude the module, or set overrides={{{name.rsplit('.', 1)[-1]!r}: "

@@ -69,6 +69,7 @@ class AdapterConfig:
     uses_calibration: ClassVar[bool] = False  # data-aware methods take svdkit.calibrate() statistics
     exports_lora: ClassVar[bool] = True  # False: the update is not low-rank; ship merged weights instead
     batched: ClassVar[bool] = True  # False: layers get their own ranks, so each is initialized alone
+    uses_rank: ClassVar[bool] = True  # False: the method adapts the full spectrum and ignores ``rank``
     lr: ClassVar[float] = 2e-4  # the paper's learning rate (svdkit finetune's default for the method)
     weight_decay: ClassVar[float] = 0.0  # 0 for adapters initialized from principal components
 

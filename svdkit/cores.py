@@ -42,6 +42,17 @@ class Delta(nn.Module):
         return f"{kind} {tuple(self.value.shape)}" + (", from its init" if self.initial is not None else "")
 
 
+class Fixed(nn.Module):
+    """C = value, frozen (a buffer): e.g. Spectral Adapter A's Σ_r between its trainable bases."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.register_buffer("value", value.detach().clone())
+
+    def forward(self) -> Tensor:
+        return self.value
+
+
 class BlockScale(nn.Module):
     """C = diag(value ⊗ 1_block): one trainable scalar per block of ``block`` consecutive components."""
 

@@ -37,7 +37,7 @@ class Init:
     core: dict = field(default_factory=dict)  # the core's tensors, each (b, ...): the method's ``make_core`` input
     A0: Tensor | None = None  # explicit frozen s·B₀A₀ to subtract (e.g. KaSA's discarded tail); subtract=False
     B0: Tensor | None = None
-    bias: bool = False  # train an additive output bias Δb (VectorFit)
+    bias: bool = False  # train an additive output bias Δb where the base layer has a bias (VectorFit)
 
     def layer(self, i: int) -> dict:
         """Layer i's slice of every tensor."""
@@ -122,7 +122,9 @@ class SpectralLinear(nn.Module):
             self.register_buffer("init_B", own(B0))
         else:
             self.init_A = self.init_B = None
-        self.lora_bias = nn.Parameter(torch.zeros(self.out_features, device=W.device, dtype=dtype)) if bias else None
+        # Δb only where the base has a bias (a new bias would not survive a merged save_pretrained)
+        trains_bias = bias and base.bias is not None
+        self.lora_bias = nn.Parameter(torch.zeros(self.out_features, device=W.device, dtype=dtype)) if trains_bias else None
         self.weight = base.weight
 
     @property

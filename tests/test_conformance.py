@@ -62,7 +62,7 @@ def test_2_init_is_the_prescribed_function(row, arch, ids):
             reference = tiny_model(arch)
             for name, module in select_targets(reference, cfg.targets, cfg.exclude):
                 W = weight_matrix(module)
-                W.copy_(row.init_weight(W.detach().clone(), cfg.for_module(name)))
+                W.copy_(row.init_weight(W.detach().clone(), cfg.for_module(name), name))
             expected = model_output(reference, ids)
             assert not close(expected, y0)  # the prescribed change is a real change
         svdkit.adapt(model, cfg)
@@ -73,11 +73,12 @@ def test_2_init_is_the_prescribed_function(row, arch, ids):
 def test_3_only_adapter_parameters_train(row, arch):
     model = tiny_model(arch)
     cfg = row.config()
-    weights = [(name, weight_matrix(m).detach().clone()) for name, m in select_targets(model, cfg.targets, cfg.exclude)]
+    weights = [(name, weight_matrix(m).detach().clone(), m.bias is not None)
+               for name, m in select_targets(model, cfg.targets, cfg.exclude)]  # fmt: skip
     svdkit.adapt(model, cfg)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or ".core." in n for n in trainable)
-    expected = sum(row.params(W, cfg.for_module(name)) for name, W in weights)
+    expected = sum(row.params(W, cfg.for_module(name), bias) for name, W, bias in weights)
     assert sum(p.numel() for p in trainable.values()) == expected
 
 

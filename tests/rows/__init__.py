@@ -20,10 +20,12 @@ import svdkit
 class Row:
     method: str
     options: dict = field(default_factory=dict)
-    # trainable parameters of one adapted matrix W (m × n) under its config; default LoRA's r(m + n)
-    params: Callable[[torch.Tensor, object], int] = lambda W, cfg: cfg.rank * sum(W.shape)
-    # for methods that change the function at init by design: W ↦ the weight the paper prescribes at init
-    init_weight: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+    # trainable parameters of one adapted matrix W (m × n) under its per-module config, given whether the
+    # module has a bias; default LoRA's r(m + n)
+    params: Callable[[torch.Tensor, object, bool], int] = lambda W, cfg, bias: cfg.rank * sum(W.shape)
+    # for methods that change the function at init by design: (W, per-module config, module name) ↦ the
+    # weight the paper prescribes at init
+    init_weight: Callable[[torch.Tensor, object, str], torch.Tensor] | None = None
     id: str = ""
 
     def config(self):
