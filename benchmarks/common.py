@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+import time
+
+import torch
 
 from svdkit.files import write_text
 
@@ -27,3 +32,80 @@ def write_report(path: str, text: str) -> None:
     """Write a results table atomically, creating its folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_text(path, text)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+PARAGRAPH = (
+    "The river rises in the hills to the north of the town and runs for about forty miles before it "
+    "reaches the sea. For most of the year it is slow and shallow, and children wade across it in summer "
+    "to reach the orchards on the far bank. In the spring, however, when the snow melts in the mountains, "
+    "the water climbs quickly, and the old stone bridge near the mill has more than once been closed for "
+    "a week at a time. The town council has argued for decades about whether to build a new bridge "
+    "further downstream, where the valley is wider and the banks are firmer, but every plan so far has "
+    "been set aside because of its cost. Meanwhile the farmers who live on the eastern side have learned "
+    "to keep a second store of grain and fuel, and the school closes for a few days each April so that "
+    "no one has to cross the river when it is high."
+)
+
+
+# -- the batch ---------------------------------------------------------------------------------------
+def make_batch(tok, batch: int, seq: int) -> torch.Tensor:
+    """(batch, seq) token ids: the paragraph tokenized once, repeated, row i starting at offset 17·i."""
+    ids = tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
+    need = batch * 17 + seq
+    stream = (ids * (need // len(ids) + 1))[:need]
+    return torch.tensor([stream[17 * i: 17 * i + seq] for i in range(batch)], dtype=torch.long)
+
+
+def proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> bool:
+    """Hand glibc's freed-but-retained heap back to the OS (so one phase's garbage is not charged to the next)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) >= 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class LoadMeter:
+    """CPU time that OTHER processes used while timing: (Δ busy jiffies machine-wide − Δ own) / Δ wall."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> int:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals[:8]) - vals[3] - vals[4]  # user..steal minus idle and iowait
+
+    @staticmethod
+    def _own() -> int:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime of all threads
+
+    def cores(self) -> float:
+        """Average number of cores kept busy by other processes since construction."""
+        wall = time.perf_counter() - self.t0
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return max(other, 0) / self.tick / wall if wall > 0 else 0.0

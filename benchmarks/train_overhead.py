@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import gc
 import json
@@ -65,7 +64,7 @@ import peft
 import torch
 
 import svdkit
-from common import cpu_model, verdict, write_report
+from common import LoadMeter, cpu_model, log, make_batch, malloc_trim, proc_status_kib, reset_hwm, verdict, write_report
 from svdkit.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,28 +73,6 @@ SVD_LORA = "svdkit LoRA r{r}"
 SVD_PISSA = "svdkit PiSSA r{r}"
 SVD_PISSA_FOLD = "svdkit PiSSA r{r} fold=True"
 PEFT_LORA = "PEFT LoRA r{r}"
-
-PARAGRAPH = (
-    "The river rises in the hills to the north of the town and runs for about forty miles before it "
-    "reaches the sea. For most of the year it is slow and shallow, and children wade across it in summer "
-    "to reach the orchards on the far bank. In the spring, however, when the snow melts in the mountains, "
-    "the water climbs quickly, and the old stone bridge near the mill has more than once been closed for "
-    "a week at a time. The town council has argued for decades about whether to build a new bridge "
-    "further downstream, where the valley is wider and the banks are firmer, but every plan so far has "
-    "been set aside because of its cost. Meanwhile the farmers who live on the eastern side have learned "
-    "to keep a second store of grain and fuel, and the school closes for a few days each April so that "
-    "no one has to cross the river when it is high."
-)
-
-
-# -- the batch ---------------------------------------------------------------------------------------
-def make_batch(tok, batch: int, seq: int) -> torch.Tensor:
-    """(batch, seq) token ids: the paragraph tokenized once, repeated, row i starting at offset 17·i."""
-    ids = tok(PARAGRAPH, add_special_tokens=False)["input_ids"]
-    need = batch * 17 + seq
-    stream = (ids * (need // len(ids) + 1))[:need]
-    return torch.tensor([stream[17 * i: 17 * i + seq] for i in range(batch)], dtype=torch.long)
-
 
 # -- variants: each returns (model, optimizer or None) on the given (already copied) model ----------
 def build(name: str, model, rank: int, lr: float):
@@ -141,31 +118,6 @@ def trainable(model) -> int:
 
 
 # -- memory (subprocess mode) ------------------------------------------------------------------------
-def proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def malloc_trim() -> bool:
-    """Hand glibc's freed-but-retained heap back to the OS (so one phase's garbage is not charged to the next)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) >= 0)
-    except (OSError, AttributeError):
-        return False
-
-
 def memory_child(args) -> None:
     """Run one variant in this (fresh) process and print one JSON line with its memory numbers."""
     model, tok = svdkit.load_model("default")
@@ -201,38 +153,6 @@ def measure_memory(name: str, args) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"memory subprocess for {name!r} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-# -- background load ---------------------------------------------------------------------------------
-class LoadMeter:
-    """CPU time that OTHER processes used while timing: (Δ busy jiffies machine-wide − Δ own) / Δ wall."""
-
-    def __init__(self):
-        self.tick = os.sysconf("SC_CLK_TCK")
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> int:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-        return sum(vals[:8]) - vals[3] - vals[4]  # user..steal minus idle and iowait
-
-    @staticmethod
-    def _own() -> int:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime of all threads
-
-    def cores(self) -> float:
-        """Average number of cores kept busy by other processes since construction."""
-        wall = time.perf_counter() - self.t0
-        other = (self._busy() - self.busy0) - (self._own() - self.own0)
-        return max(other, 0) / self.tick / wall if wall > 0 else 0.0
-
-
-# -- report helpers ----------------------------------------------------------------------------------
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- main --------------------------------------------------------------------------------------------
