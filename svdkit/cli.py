@@ -38,18 +38,50 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# finetune options that map one-to-one onto FinetuneConfig fields (None: keep the config's value)
-_FT_FIELDS = {"model": str, "data": str, "method": str, "rank": int, "steps": int, "lr": float,
-              "batch_size": int, "grad_accum": int, "max_length": int, "eval_every": int,
-              "checkpoint_every": int, "seed": int, "weight_decay": float, "warmup": int}  # fmt: skip
+# finetune options that map one-to-one onto FinetuneConfig fields (None: keep the config's value): type, help
+_FT_FIELDS = {
+    "model": (str, "'default', a local Hugging Face folder, or a .gguf file"),
+    "data": (str, "a named dataset (default = chatterbot, lee) or a JSONL file"),
+    "method": (str, "method name, see `svdkit methods`"),
+    "rank": (int, "adapter rank"),
+    "steps": (int, "optimizer steps"),
+    "lr": (float, "peak learning rate"),
+    "batch_size": (int, "examples per optimizer step, across all ranks"),
+    "grad_accum": (int, "micro-batches per step"),
+    "max_length": (int, "drop examples longer than this many tokens"),
+    "eval_every": (int, "held-out evaluation every N steps"),
+    "checkpoint_every": (int, "checkpoint every N steps"),
+    "seed": (int, "seed of the split, the batch order and the init"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "warmup": (int, "linear warm-up steps"),
+    "max_grad_norm": (float, "gradient clipping norm"),
+    "heldout_fraction": (float, "fraction of the examples held out"),
+    "max_heldout": (int, "held-out examples evaluated"),
+    "samples": (int, "held-out prompts generated before and after"),
+}
 # options that go into the method's own config
-_METHOD_FIELDS = {"svd": str, "niter": int, "alpha": float, "targets": str, "dropout": float}
+_METHOD_FIELDS = {
+    "svd": (str, "exact or randomized SVD"),
+    "niter": (int, "randomized SVD power iterations"),
+    "alpha": (float, "scaling numerator: s = alpha/rank"),
+    "targets": (str, "all-linear, attention, mlp, or a regex of module names"),
+    "dropout": (float, "dropout on the adapter input"),
+}
 
 
 def _finetune_parser(sub) -> None:
     f = sub.add_parser("finetune", help="fine-tune a model with a spectral method (defaults: PiSSA on the default model and data)")
-    for name, kind in {**_FT_FIELDS, **_METHOD_FIELDS}.items():
-        f.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+    import dataclasses
+
+    from .finetune import FinetuneConfig
+
+    defaults = {fld.name: fld.default for fld in dataclasses.fields(FinetuneConfig)}
+    shown = {"lr": "the method's paper value", "weight_decay": "the method's", "warmup": "3%% of the steps"}
+    for name, (kind, text) in _FT_FIELDS.items():
+        default = shown.get(name, defaults[name])
+        f.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} (default: {default})")
+    for name, (kind, text) in _METHOD_FIELDS.items():
+        f.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"{text} (default: the method's)")
     f.add_argument("--merge", action="store_true", default=None, help="also write the merged model (Hugging Face folder)")
     f.add_argument("--skip-malformed", action="store_true", default=None, help="skip malformed JSONL lines (counted)")
     f.add_argument("--config", help="a run's config.json (or YAML) to start from; other options override it")
