@@ -109,3 +109,22 @@ class LoadMeter:
         wall = time.perf_counter() - self.t0
         other = (self._busy() - self.busy0) - (self._own() - self.own0)
         return max(other, 0) / self.tick / wall if wall > 0 else 0.0
+
+
+def resident_model(tok_batch: int, seq: int):
+    """(model, batch ids, VmRSS KiB, malloc_trim ok) for a memory subprocess: the default model loaded with
+    every weight page touched (the weights are mmapped and paged in lazily, so no variant is charged for
+    first-touching them) and glibc's heap trimmed, so the RSS is the baseline the variant adds to."""
+    import gc
+
+    import svdkit
+
+    model, tok = svdkit.load_model("default")
+    ids = make_batch(tok, tok_batch, seq)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.sum()
+    gc.collect()
+    trimmed = malloc_trim()
+    return model, ids, proc_status_kib("VmRSS"), trimmed
+

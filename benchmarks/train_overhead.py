@@ -64,7 +64,8 @@ import peft
 import torch
 
 import svdkit
-from common import LoadMeter, cpu_model, log, make_batch, malloc_trim, proc_status_kib, reset_hwm, verdict, write_report
+from common import (LoadMeter, cpu_model, log, make_batch, malloc_trim, proc_status_kib, resident_model, reset_hwm,
+                    verdict, write_report)
 from svdkit.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -120,16 +121,7 @@ def trainable(model) -> int:
 # -- memory (subprocess mode) ------------------------------------------------------------------------
 def memory_child(args) -> None:
     """Run one variant in this (fresh) process and print one JSON line with its memory numbers."""
-    model, tok = svdkit.load_model("default")
-    ids = make_batch(tok, args.batch, args.seq)
-    # The weights are mmapped from model.safetensors and paged in lazily: touch every page now, so that
-    # the baseline includes the whole model and no variant is charged for first-touching the weights.
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.sum()
-    gc.collect()
-    trimmed = malloc_trim()
-    base_kib = proc_status_kib("VmRSS")
+    model, ids, base_kib, trimmed = resident_model(args.batch, args.seq)
     hwm_reset = reset_hwm()
     wrapped, opt = build(args.variant, model, args.rank, args.lr)
     build_peak_kib = proc_status_kib("VmHWM") - base_kib  # transient peak of adapt / get_peft_model

@@ -37,7 +37,7 @@ import time
 import torch
 
 import svdkit
-from common import cpu_model, log, make_batch, malloc_trim, proc_status_kib, reset_hwm, write_report
+from common import cpu_model, log, make_batch, malloc_trim, proc_status_kib, resident_model, reset_hwm, write_report
 
 REFERENCE = "lora"
 
@@ -106,14 +106,7 @@ def _copy(model):
 
 
 def memory_child(args) -> dict:
-    model, tok = svdkit.load_model("default")
-    ids = make_batch(tok, args.batch, args.seq)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.sum()
-    gc.collect()
-    malloc_trim()
-    base = proc_status_kib("VmRSS")
+    model, ids, base, _ = resident_model(args.batch, args.seq)
     _, opt, _, _ = adapt(args.method, model)
     gc.collect()
     malloc_trim()
