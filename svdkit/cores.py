@@ -21,9 +21,9 @@ class Delta(nn.Module):
 
     def __init__(self, value: Tensor, initial: Tensor | None = None):
         super().__init__()
-        self.value = nn.Parameter(value.detach().clone())
+        self.value = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format))
         if initial is not None:
-            self.register_buffer("initial", initial.detach().clone())
+            self.register_buffer("initial", initial.detach().clone(memory_format=torch.contiguous_format))
         else:
             self.initial = None
 
@@ -47,7 +47,7 @@ class Fixed(nn.Module):
 
     def __init__(self, value: Tensor):
         super().__init__()
-        self.register_buffer("value", value.detach().clone())
+        self.register_buffer("value", value.detach().clone(memory_format=torch.contiguous_format))
 
     def forward(self) -> Tensor:
         return self.value
@@ -58,7 +58,7 @@ class BlockScale(nn.Module):
 
     def __init__(self, value: Tensor, block: int):
         super().__init__()
-        self.value = nn.Parameter(value.detach().clone())
+        self.value = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format))
         self.block = int(block)
 
     def forward(self) -> Tensor:

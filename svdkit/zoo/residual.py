@@ -1,6 +1,6 @@
 """Residual methods: adapt a slice of the weight's own spectrum, W = W_res + s·B A.
 
-PiSSA (top-r) and MiLoRA (bottom-r) share the residual-init R(W, idx, s) of METHODS.md §0:
+PiSSA (top-r), MiLoRA and SoMA (bottom-r) share the residual-init R(W, idx, s) of METHODS.md §0:
 B = U_idx diag(√(σ_idx/s)), A = diag(√(σ_idx/s)) V_idxᵀ, so s·B A = U_idx Σ_idx V_idxᵀ.
 The original weight stays untouched unless ``fold=True``; the forward subtracts the frozen s·B₀A₀.
 """
@@ -63,6 +63,34 @@ class MiLoRA(AdapterConfig):
     params = "r(m+n)"
     export_rank = "2r (r if B or A frozen)"
     paper = "https://arxiv.org/abs/2406.09044"
+
+    def initialize(self, weights, names, calibration=None) -> Init:
+        return residual_init(self, weights, names, "bottom")
+
+
+@register
+@dataclass(frozen=True)
+class SoMA(AdapterConfig):
+    """SoMA (https://arxiv.org/abs/2412.04077): MiLoRA's minor-component residual init with SoMA's defaults.
+
+    W = W_res + s·B A,  B = U_{−r} √(Σ_{−r}/s),  A = √(Σ_{−r}/s) V_{−r}ᵀ (bottom-r), as MiLoRA.
+    Defaults (official DINOv2 + Mask2Former config): r = α = 16, dropout 0, AdamW lr 1e-4, weight decay
+    0.05. Not applied: SoMA's annealed weight decay (cosine from 0.05 to 1e-5 via the optimizer's param
+    scheduler; method hooks do not get the optimizer, so ``svdkit finetune`` keeps the constant 0.05 unless
+    ``--weight-decay`` says otherwise), its backbone lr multiplier 0.5, and freezing the blocks before
+    ``start_lora_idx`` (use ``targets``/``exclude`` for that).
+    """
+
+    alpha: float | None = 16
+
+    name = "soma"
+    lr = 1e-4
+    weight_decay = 0.05
+    basis = "weight SVD, bottom-r"
+    trains = "B, A"
+    params = "r(m+n)"
+    export_rank = "2r (r if B or A frozen)"
+    paper = "https://arxiv.org/abs/2412.04077"
 
     def initialize(self, weights, names, calibration=None) -> Init:
         return residual_init(self, weights, names, "bottom")

@@ -1,0 +1,259 @@
+"""CLOVER (METHODS.md §15) and SoKA (§18): each method's defining equation against a direct implementation
+of the paper's formula written here, parameter counts on real shapes, export refusal and option errors."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import svdkit
+from svdkit.api import adapted_layers
+from svdkit.zoo.soka import elbow_rank, energy_rank, kronecker_rank
+
+
+def linear_model(shapes: dict[str, tuple[int, int]], seed: int = 0, dtype=torch.float64) -> nn.Module:
+    """A container of named linears {name: (out, in)} with random weights and biases."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict((name, nn.Linear(n, m, dtype=dtype)) for name, (m, n) in shapes.items()))
+
+
+def only_layer(model):
+    (name, layer), = list(adapted_layers(model))  # fmt: skip
+    return layer
+
+
+def trainable_count(model) -> dict[str, int]:
+    return {name: sum(p.numel() for _, p in layer.adapter_parameters()) for name, layer in adapted_layers(model)}
+
+
+# -- CLOVER ----------------------------------------------------------------------------------------------
+def reference_head_qr(W: np.ndarray, d: int):
+    """Per head j: W_jᵀ = Q_j R_j with diag(R_j) ≥ 0 (numpy's QR, signs normalized)."""
+    out = []
+    for j in range(W.shape[0] // d):
+        Q, R = np.linalg.qr(W[j * d:(j + 1) * d].T)
+        D = np.sign(np.diag(R))
+        out.append((Q * D, D[:, None] * R))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [None, 4.0])
+def test_clover_per_head_qr_and_update(alpha):
+    model = linear_model({"q_proj": (12, 9)})
+    W = model.q_proj.weight.detach().clone()
+    cfg = svdkit.CLOVER(head_dim=4, alpha=alpha, compute_dtype="float64")
+    svdkit.adapt(model, cfg)
+    layer, s = only_layer(model), cfg.scaling
+    ref = reference_head_qr(W.numpy(), 4)
+    A, T = layer.lora_A.numpy(), layer.core.value.detach().numpy()
+    for j, (Q, R) in enumerate(ref):
+        assert np.allclose(A[4 * j:4 * j + 4], Q.T)  # A's rows = Q_jᵀ
+        assert np.allclose(s * T[j], R)  # trainable core = R_j (/s)
+        assert np.allclose(R.T @ Q.T, W[4 * j:4 * j + 4].numpy())  # W_j = R_jᵀ Q_jᵀ
+    assert torch.equal(layer.delta_weight(), torch.zeros(12, 9, dtype=torch.float64))
+    with torch.no_grad():
+        layer.core.value.add_(torch.randn_like(layer.core.value))
+    T = layer.core.value.detach().numpy()
+    expected = np.concatenate([(s * T[j]).T @ Q.T for j, (Q, _) in enumerate(ref)])  # W'_j = (s T_j)ᵀ Q_jᵀ
+    assert np.allclose(layer.merged_weight().detach().numpy(), expected)
+    x = torch.randn(5, 9, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), x @ torch.from_numpy(expected).T + model.q_proj.bias)
+    assert np.linalg.matrix_rank(layer.delta_weight().detach().numpy()) == 9  # a full-rank update
+
+
+SMOL = {  # SmolLM2-135M's shapes: hidden 576, 9 heads of 64, 3 kv heads, intermediate 1536
+    "model.layers.0.self_attn.q_proj": (576, 576),
+    "model.layers.0.self_attn.k_proj": (192, 576),
+    "model.layers.0.self_attn.v_proj": (192, 576),
+    "model.layers.0.mlp.gate_proj": (1536, 576),
+    "model.layers.0.mlp.up_proj": (1536, 576),
+}
+
+
+def test_clover_parameter_count_on_smollm2_shapes():
+    model = linear_model({name.replace(".", "_"): shape for name, shape in SMOL.items()}, dtype=torch.float32)
+    svdkit.adapt(model, svdkit.CLOVER())  # default targets q_proj, v_proj, up_proj; head_dim 64
+    counts = trainable_count(model)
+    # METHODS.md §15(c): n_h·d_h² (q) + n_kv·d_h² (v) + d_ff·d_h/2 (up)
+    assert counts == {"model_layers_0_self_attn_q_proj": 9 * 64**2, "model_layers_0_self_attn_v_proj": 3 * 64**2,
+                      "model_layers_0_mlp_up_proj": 1536 * 32}  # fmt: skip
+    up = model.model_layers_0_mlp_up_proj
+    assert tuple(up.core.value.shape) == (48, 32, 32)  # 48 pseudo-heads of head_dim/2
+    assert tuple(model.model_layers_0_self_attn_v_proj.core.value.shape) == (3, 64, 64)  # GQA: 3 kv heads
+
+
+@pytest.mark.parametrize("name,block", [
+    ("model.layers.0.mlp.up_proj", 4), ("transformer.h.0.mlp.c_fc", 4), ("encoder.layer.0.intermediate.dense", 4),
+    ("decoder.layers.0.fc1", 4), ("model.layers.0.mlp.gate_proj", 8), ("model.layers.0.self_attn.q_proj", 8),
+    ("model.layers.0.mlp.down_proj", 8), ("encoder.layer.0.output.dense", 8),
+])  # fmt: skip
+def test_clover_block_size_rule(name, block):
+    assert svdkit.CLOVER(head_dim=8).block_size(name) == block
+    assert svdkit.CLOVER(head_dim=8, up_pattern=None).block_size(name) == 8
+
+
+def test_clover_refuses_peft_export(tmp_path):
+    model = linear_model({"q_proj": (8, 8)}, dtype=torch.float32)
+    svdkit.adapt(model, svdkit.CLOVER(head_dim=4))
+    with pytest.raises(ValueError, match="not low-rank.*merge"):
+        svdkit.export_peft(model, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(head_dim=7), "head_dim must be an even integer"),
+    (dict(head_dim=0), "head_dim must be an even integer"),
+    (dict(head_dim="64"), "head_dim must be an even integer"),
+    (dict(up_pattern="up_proj("), "up_pattern 'up_proj\\(' is not a valid regular expression"),
+])  # fmt: skip
+def test_clover_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        svdkit.CLOVER(**options)
+
+
+@pytest.mark.parametrize("shape,name,match", [
+    ((12, 9), "q_proj", r"CLOVER: q_proj has a 12×9 weight .* 12 outputs do not split into heads of 8 rows"),
+    ((12, 9), "up_proj", r"up_proj has a 12×9 weight .* pseudo-heads .* of 8 rows \(head_dim=16\)"),
+    ((16, 4), "q_proj", r"q_proj has a 16×4 weight; the per-head QR needs in_features >= the head size 8"),
+])  # fmt: skip
+def test_clover_shape_errors_name_the_module(shape, name, match):
+    model = linear_model({name: shape})
+    head_dim = 16 if name == "up_proj" else 8
+    with pytest.raises(ValueError, match=match):
+        svdkit.adapt(model, svdkit.CLOVER(head_dim=head_dim, targets=name))
+    assert not list(adapted_layers(model))
+
+
+# -- SoKA ------------------------------------------------------------------------------------------------
+def reference_rearrangement(W: torch.Tensor, m1: int, n1: int) -> torch.Tensor:
+    """Van Loan's ℛ(W): one row per (m2 × n2) block, blocks in row-major order."""
+    m2, n2 = W.shape[0] // m1, W.shape[1] // n1
+    return torch.stack([W[i * m2:(i + 1) * m2, j * n2:(j + 1) * n2].reshape(-1) for i in range(m1) for j in range(n1)])
+
+
+def kron_terms(sigma, U, V) -> torch.Tensor:
+    return sum(s * torch.kron(u, v) for s, u, v in zip(sigma, U, V))
+
+
+def test_soka_rearrangement_identity_with_all_terms():
+    from svdkit.zoo.soka import kpsvd
+
+    W = torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    S, U, V = kpsvd(W, 3, 3, torch.float64)  # m1 = n1 = 3, m2 = 4, n2 = 3
+    assert U.shape == (9, 3, 3) and V.shape == (9, 4, 3)
+    assert torch.allclose(S, torch.linalg.svdvals(reference_rearrangement(W, 3, 3)))
+    assert float((W - kron_terms(S, U, V)).norm()) < 1e-12 * float(W.norm())
+    assert not torch.allclose(W, kron_terms(S[:3], U[:3], V[:3]))
+
+
+SPECTRUM = torch.tensor([10.0, 9.0, 8.0, 1.0, 0.9, 0.8, 0.7, 0.6], dtype=torch.float64)
+
+
+def test_soka_energy_and_elbow_rule_on_a_constructed_spectrum():
+    # Σσ² = 248.3; E(k) = 0.403, 0.729, 0.987, 0.991, 0.994, …, 1: the threshold is first reached at
+    assert [energy_rank(SPECTRUM, t) for t in (0.3, 0.5, 0.9, 0.99, 1.0)] == [1, 2, 3, 4, 8]
+    assert elbow_rank(SPECTRUM) == 3  # σ² above the mean (31.04): 100, 81, 64
+    assert kronecker_rank(SPECTRUM, 0.99, True, 16) == 3  # min(4, 3)
+    assert kronecker_rank(SPECTRUM, 0.99, False, 16) == 4
+    assert kronecker_rank(SPECTRUM, 0.5, True, 16) == 2
+    assert kronecker_rank(SPECTRUM, 0.99, True, 2) == 2  # the rank cap
+    assert elbow_rank(torch.ones(6)) == 6  # a flat spectrum has no elbow
+
+
+def kronecker_weight(sigma: torch.Tensor, m1, n1, m2, n2, seed=0) -> torch.Tensor:
+    """W = Σ σ_k U_k ⊗ V_k with orthonormal vec(U_k), vec(V_k): ℛ(W) has exactly the spectrum σ."""
+    g = torch.Generator().manual_seed(seed)
+    K = len(sigma)
+    Uv = torch.linalg.qr(torch.randn(m1 * n1, K, generator=g, dtype=torch.float64)).Q.T
+    Vv = torch.linalg.qr(torch.randn(m2 * n2, K, generator=g, dtype=torch.float64)).Q.T
+    return kron_terms(sigma, Uv.reshape(K, m1, n1), Vv.reshape(K, m2, n2))
+
+
+def test_soka_init_selects_the_rule_and_the_update_follows_the_equation():
+    W = kronecker_weight(SPECTRUM, 3, 3, 4, 3)  # 12×9, ℛ(W) 9×12 with singular values SPECTRUM (and a 0)
+    model = linear_model({"proj": (12, 9)})
+    with torch.no_grad():
+        model.proj.weight.copy_(W)
+    cfg = svdkit.SoKA(rank=8, alpha=2.0, factors=(3, 3), energy=0.99, compute_dtype="float64", targets="proj")
+    x = torch.randn(4, 9, dtype=torch.float64)
+    with torch.no_grad():
+        y0 = model(x)
+    svdkit.adapt(model, cfg)
+    layer, s = only_layer(model), cfg.scaling
+    assert layer.core.u.shape == (3, 3, 3) and layer.core.v.shape == (3, 4, 3)  # R = min(r_E 4, elbow 3)
+    assert torch.allclose(s * layer.core.sigma, SPECTRUM[:3])
+    assert sum(p.numel() for _, p in layer.adapter_parameters()) == 3 * (3 * 3 + 4 * 3 + 1)
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)  # the init is function-preserving (ΔW = 0 exactly)
+        for p in (layer.core.sigma, layer.core.u, layer.core.v):
+            p.add_(0.1 * torch.randn_like(p))
+    c = layer.core
+    top0 = kron_terms(c.sigma0 * s, c.u0, c.v0)  # the σ-weighted top-R terms removed into the residual
+    assert torch.allclose(top0, kron_terms(SPECTRUM[:3], c.u0, c.v0))
+    expected = (W - top0) + kron_terms(s * c.sigma.detach(), c.u.detach(), c.v.detach())  # W_res + Σ sτ U⊗V
+    assert torch.allclose(layer.merged_weight(), expected)
+    with torch.no_grad():
+        assert torch.allclose(model(x), x @ expected.T + model.proj.bias)
+
+
+def test_soka_keeps_frozen_terms_as_factors_not_a_dense_copy():
+    model = linear_model({"proj": (32, 48)}, dtype=torch.float32)
+    svdkit.adapt(model, svdkit.SoKA(rank=5, energy=1.0, elbow=False, targets="proj"))
+    core = only_layer(model).core
+    # automatic factors: 32 → 4·8 (|4 − 5.66| < |8 − 5.66|), 48 → 6·8
+    assert core.u.shape == (5, 4, 6) and core.v.shape == (5, 8, 8)
+    frozen = sum(b.numel() for b in core.buffers())
+    assert frozen == sum(p.numel() for p in core.parameters()) == 5 * (4 * 6 + 8 * 8 + 1)
+
+
+def test_soka_parameter_count_on_a_real_shape():
+    # SmolLM2's up_proj shape, stored (out × in) = 1536 × 576: factors 32·48 and 24·24; five dominant
+    # Kronecker terms over a small dense remainder, so that both criteria pick R = 5
+    sigma = torch.tensor([5.0, 4.0, 3.0, 2.5, 2.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    W = kronecker_weight(sigma, 32, 24, 48, 24) + 1e-4 * torch.randn(1536, 576, generator=g, dtype=torch.float64)
+    model = linear_model({"mlp_up_proj": (1536, 576)}, dtype=torch.float32)
+    with torch.no_grad():
+        model.mlp_up_proj.weight.copy_(W.float())
+    svdkit.adapt(model, svdkit.SoKA(energy=0.99, targets="up_proj"))
+    core = only_layer(model).core
+    assert core.u.shape == (5, 32, 24) and core.v.shape == (5, 48, 24)
+    assert trainable_count(model) == {"mlp_up_proj": 5 * (32 * 24 + 48 * 24 + 1)}  # R(m1n1 + m2n2 + 1)
+
+
+def test_soka_refuses_peft_export(tmp_path):
+    model = linear_model({"proj": (8, 8)}, dtype=torch.float32)
+    svdkit.adapt(model, svdkit.SoKA(rank=2, targets="proj"))
+    with pytest.raises(ValueError, match="not low-rank.*merge"):
+        svdkit.export_peft(model, tmp_path / "peft")
+
+
+def test_soka_config_round_trips_with_factors():
+    cfg = svdkit.SoKA(factors=(4, 6), energy=0.8, elbow=False)
+    import json
+
+    assert svdkit.config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(energy=0.0), r"energy must be a cumulative-energy fraction in \(0, 1\], got 0.0"),
+    (dict(energy=1.5), r"energy must be a cumulative-energy fraction in \(0, 1\], got 1.5"),
+    (dict(factors=(0, 3)), r"factors must be None \(automatic\) or two positive integers \(m1, n1\)"),
+    (dict(factors=(3,)), r"factors must be None \(automatic\) or two positive integers"),
+    (dict(elbow="yes"), "elbow must be True or False"),
+    (dict(svd="randomized"), "svd must be 'exact': the energy/elbow rank rule needs the full spectrum"),
+])  # fmt: skip
+def test_soka_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        svdkit.SoKA(**options)
+
+
+def test_soka_factors_must_divide_the_weight():
+    model = linear_model({"q_proj": (12, 9)})
+    with pytest.raises(ValueError, match=r"SoKA: factors=\(5, 3\) do not divide q_proj's 12×9 weight"):
+        svdkit.adapt(model, svdkit.SoKA(rank=2, factors=(5, 3), targets="q_proj"))
+    assert not list(adapted_layers(model))
