@@ -147,7 +147,7 @@ def build_layer(module: nn.Module, mcfg: AdapterConfig, init, i: int) -> Spectra
             A0 = t["A"]
             B0 = apply_core(t["B"], core() if core is not None else None)
     return SpectralLinear(
-        module, t["A"], t["B"], A0=A0, B0=B0, core=core, bias=init.bias,
+        module, t["A"], t["B"], A0=A0, B0=B0, core=core, bias=init.bias, weightless=init.weightless,
         scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
         fingerprint=tensor_fingerprint(weight_matrix(module)),
     )  # fmt: skip

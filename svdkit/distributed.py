@@ -38,9 +38,9 @@ def broadcast_init(init, src: int, device: torch.device):
         tensors = {k: getattr(init, k) for k in fields if getattr(init, k) is not None}
         tensors.update({f"core.{k}": v for k, v in init.core.items()})
         header = [({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()},
-                   sorted(init.trainable), init.subtract, init.bias)]  # fmt: skip
+                   sorted(init.trainable), init.subtract, init.bias, init.weightless)]  # fmt: skip
     dist.broadcast_object_list(header, src=src)
-    specs, trainable, subtract, bias = header[0]
+    specs, trainable, subtract, bias, weightless = header[0]
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
     got = {}
     for key, (shape, dtype) in specs.items():
@@ -52,4 +52,4 @@ def broadcast_init(init, src: int, device: torch.device):
         got[key] = value.to(device)
     core = {k.split(".", 1)[1]: v for k, v in got.items() if k.startswith("core.")}
     return Init(A=got.get("A"), B=got.get("B"), A0=got.get("A0"), B0=got.get("B0"), core=core,
-                trainable=frozenset(trainable), subtract=subtract, bias=bias)  # fmt: skip
+                trainable=frozenset(trainable), subtract=subtract, bias=bias, weightless=weightless)  # fmt: skip

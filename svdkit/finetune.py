@@ -249,7 +249,9 @@ def _finish(cfg, out, model, tok, heldout, before, final_eval, pad_id, log) -> d
     after = {"eval": final_eval or _evaluate(model, heldout, cfg, pad_id),
              "samples": report.generate(model, tok, heldout[: cfg.samples])}  # fmt: skip
     save_adapter(model, out / "adapter", overwrite=True)
-    export_peft(model, out / "peft", overwrite=True)
+    peft = api.state(model).config.exports_lora  # full-rank updates (SVFT, CLIP-SVD, …) ship merged only
+    if peft:
+        export_peft(model, out / "peft", overwrite=True)
     summary = {"method": cfg.method, "rank": cfg.rank, "steps": cfg.steps, "lr": cfg.peak_lr,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "heldout_examples": len(heldout), "before": before["eval"], "after": after["eval"],
@@ -262,5 +264,5 @@ def _finish(cfg, out, model, tok, heldout, before, final_eval, pad_id, log) -> d
         with atomic_dir(out / "merged", overwrite=True) as tmp:
             model.save_pretrained(str(tmp))
             tok.save_pretrained(str(tmp))
-    log(report.summary_text(out, summary, cfg.merge))
+    log(report.summary_text(out, summary, cfg.merge, peft))
     return summary

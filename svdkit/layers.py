@@ -38,6 +38,7 @@ class Init:
     A0: Tensor | None = None  # explicit frozen s·B₀A₀ to subtract (e.g. KaSA's discarded tail); subtract=False
     B0: Tensor | None = None
     bias: bool = False  # train an additive output bias Δb where the base layer has a bias (VectorFit)
+    weightless: bool = False  # s·B·core.base()·A reproduces W: with fold=True the layer drops W (SVFT)
 
     def layer(self, i: int) -> dict:
         """Layer i's slice of every tensor."""
@@ -84,6 +85,7 @@ class SpectralLinear(nn.Module):
         core: nn.Module | None = None,
         trainable: frozenset = frozenset(FACTORS),
         bias: bool = False,
+        weightless: bool = False,
         fold: bool = False,
         dropout: float = 0.0,
         fingerprint: str = "",
@@ -96,8 +98,11 @@ class SpectralLinear(nn.Module):
         self.scaling = float(scaling)
         self.fingerprint = fingerprint
         self.trainable = frozenset(trainable)
-        self.fold_requested = bool(fold and A0 is not None)
+        # fold: W → W_res = W − s·B₀A₀ (residual methods), or W dropped when s·B·core.base()·A stands for it
+        self.weightless = bool(weightless)
+        self.fold_requested = bool(fold and (A0 is not None or self.weightless))
         self.folded = False
+        self.weight_dtype = W.dtype
         self.bias = base.bias
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype = _factor_dtype(W.dtype)
@@ -141,8 +146,13 @@ class SpectralLinear(nn.Module):
         return apply_core(self.lora_B, self.core() if self.core is not None else None)
 
     def fold_base(self) -> None:
-        """Replace the weight by W_res = W − s·B₀A₀ (a new tensor; the forward then skips B₀A₀)."""
-        if self.fold_requested and not self.folded:
+        """Replace the weight by W_res = W − s·B₀A₀ (a new tensor; the forward then skips B₀A₀), or drop it
+        when the factors and the core's base part represent it (the memory of W is freed if unreferenced)."""
+        if self.fold_requested and not self.folded and self.weightless:
+            self.base.weight = None
+            self.weight = None
+            self.folded = True
+        elif self.fold_requested and not self.folded:
             W = self._dense()
             with torch.no_grad():
                 self._set_weight((W.to(self.init_A.dtype) - self.scaling * (self.init_B @ self.init_A)).to(W.dtype))
@@ -155,13 +165,16 @@ class SpectralLinear(nn.Module):
         self.base.weight = param
         self.weight = param
 
-    def _dense(self) -> Tensor:
+    def _dense(self) -> Tensor | None:
+        if self.weight is None:  # weightless fold: W is s·B·core.base()·A
+            return None
         return self.weight.T if self.fan_in_fan_out else self.weight
 
     def forward(self, x: Tensor) -> Tensor:
         W, Bc = self._dense(), self.output_factor()
         subtract = self.init_A is not None and not self.folded
-        if x.dtype != W.dtype or W.dtype != Bc.dtype or torch.is_autocast_enabled(x.device.type):
+        dtype = Bc.dtype if W is None else W.dtype
+        if x.dtype != dtype or Bc.dtype != dtype or torch.is_autocast_enabled(x.device.type):
             out = self._forward_composed(x, Bc, subtract)
         else:
             x2 = x.reshape(-1, self.in_features)
@@ -173,7 +186,7 @@ class SpectralLinear(nn.Module):
 
     def _forward_composed(self, x: Tensor, Bc: Tensor, subtract: bool) -> Tensor:
         """The same function from stock ops, for mixed dtypes (fp32 factors on a bf16 base) and autocast."""
-        out = F.linear(x, self._dense(), self.bias)
+        out = _base_output(x, self._dense(), self.bias, self.out_features)
         h = self.dropout(x.to(Bc.dtype))
         if self.lora_A is not None:
             h = F.linear(h, self.lora_A)
@@ -183,24 +196,34 @@ class SpectralLinear(nn.Module):
         return out + (self.scaling * delta).to(out.dtype)
 
     # -- dense views (fp32 or the factor dtype) --------------------------------------------------
-    def _update(self, subtract: bool) -> Tensor:
-        """B C A (− B₀ A₀), unscaled, shape (out, in)."""
-        Bc = self.output_factor()
+    def _update(self, subtract: bool, core: Tensor | None = None) -> Tensor:
+        """B C A (− B₀ A₀), unscaled, shape (out, in); ``core`` replaces the core's current value."""
+        Bc = self.output_factor() if core is None else apply_core(self.lora_B, core)
         update = Bc if self.lora_A is None else Bc @ self.lora_A
         return update - self.init_B @ self.init_A if subtract else update
 
+    def _in_factors(self) -> bool:
+        return self.weightless and self.folded
+
     def delta_weight(self) -> Tensor:
         """ΔW relative to the original weight: s·(B C A − B₀ A₀), shape (out, in)."""
+        if self._in_factors():
+            return self.scaling * (self._update(False) - self._update(False, self.core.base()))
         return self.scaling * self._update(self.init_A is not None)
 
     def original_weight(self) -> Tensor:
-        """The weight the layer was adapted from: bit-exact unless folded (then W_res + s·B₀A₀)."""
+        """The weight the layer was adapted from: bit-exact unless folded (then W_res + s·B₀A₀, or
+        s·B·core.base()·A for a dropped weight)."""
+        if self._in_factors():
+            return (self.scaling * self._update(False, self.core.base())).to(self.weight_dtype)
         W = self._dense()
         if not self.folded:
             return W
         return (W.to(self.init_A.dtype) + self.scaling * (self.init_B @ self.init_A)).to(W.dtype)
 
     def merged_weight(self) -> Tensor:
+        if self._in_factors():
+            return (self.scaling * self._update(False)).to(self.weight_dtype)
         W = self._dense()
         update = self._update(self.init_A is not None and not self.folded)  # W_res already lacks s·B₀A₀
         return (W.to(update.dtype) + self.scaling * update).to(W.dtype)
@@ -209,10 +232,11 @@ class SpectralLinear(nn.Module):
         if self.lora_bias is None:
             return self.bias
         b = self.lora_bias.detach() if self.bias is None else self.bias.detach() + self.lora_bias.detach()
-        return b.to(self.weight.dtype)
+        return b.to(self.weight_dtype)
 
     def extra_repr(self) -> str:
         mode = "folded" if self.folded else ("subtract-init" if self.init_A is not None else "zero-init")
+        mode = "weight dropped (in the factors)" if self._in_factors() else mode
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
             f"trains={sorted(n for n, _ in self.adapter_parameters())}, {mode}"
@@ -241,12 +265,13 @@ class _AdaptedLinearFn(torch.autograd.Function):
     input-sized gradient to add to gout·W. Here the low-rank terms are accumulated into the output and
     into ∂x in place (``addmm_``), and with no dropout the A and A₀ paths share one GEMM through the
     stacked [A; A₀] (h₀ negated so that the output side is the stacked [B, B₀]). ``xd`` is dropout(x),
-    or None for no dropout; A = None is the identity; A₀, B₀ are None when nothing is subtracted.
+    or None for no dropout; A = None is the identity; A₀, B₀ are None when nothing is subtracted; W = None
+    when the factors stand for the weight (SVFT with fold=True).
     """
 
     @staticmethod
     def forward(ctx, x, xd, W, bias, A, B, A0, B0, s):
-        out = F.linear(x, W, bias)
+        out = _base_output(x, W, bias, B.shape[0])
         joint = A0 is not None and xd is None and A is not None
         if joint:  # h = [x Aᵀ, −x A₀ᵀ]:  out += s·h [B, B₀]ᵀ
             r = A.shape[0]
@@ -276,12 +301,12 @@ class _AdaptedLinearFn(torch.autograd.Function):
             gA = s * (G1.T @ x) if need_A else None
             if need_x:
                 G[:, r:].neg_()
-                gx = (gout @ W).addmm_(G, torch.cat([A, A0]), alpha=s)
+                gx = _grad_input(gout, W, x).addmm_(G, torch.cat([A, A0]), alpha=s)
         else:
             G1 = gout @ B
             gA = s * (G1.T @ src) if need_A else None
             if need_x:
-                gx = gout @ W
+                gx = _grad_input(gout, W, x)
                 if xd is None:
                     gx.addmm_(G1, A, alpha=s) if A is not None else gx.add_(G1, alpha=s)
                 if A0 is not None:
@@ -292,3 +317,16 @@ class _AdaptedLinearFn(torch.autograd.Function):
         gW = gout.T @ x if need_W else None
         gb = gout.sum(0) if need_b else None
         return gx, gxd, gW, gb, gA, gB, None, None, None
+
+
+def _base_output(x: Tensor, W: Tensor | None, bias: Tensor | None, out_features: int) -> Tensor:
+    """x Wᵀ + b as a fresh tensor the low-rank terms can be accumulated into (b alone when W is None)."""
+    if W is not None:
+        return F.linear(x, W, bias)
+    out = x.new_zeros(*x.shape[:-1], out_features)
+    return out if bias is None else out.add_(bias)
+
+
+def _grad_input(gout: Tensor, W: Tensor | None, x: Tensor) -> Tensor:
+    return gout @ W if W is not None else torch.zeros_like(x)
+

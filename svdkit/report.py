@@ -91,7 +91,7 @@ def train_stats(rows: list[dict]) -> dict:
             "last_10_loss": statistics.fmean(losses) if losses else None}  # fmt: skip
 
 
-def summary_text(out: Path, s: dict, merged: bool) -> str:
+def summary_text(out: Path, s: dict, merged: bool, peft: bool = True) -> str:
     b, a, t = s["before"], s["after"], s["train"]
     lines = [
         f"svdkit finetune: {s['method']} rank {s['rank']}, {s['steps']} steps, lr {s['lr']:g}, "
@@ -100,9 +100,13 @@ def summary_text(out: Path, s: dict, merged: bool) -> str:
         f"train loss of the last 10 steps {t['last_10_loss']:.4f}",
         f"held-out loss  {b['loss']:.4f} -> {a['loss']:.4f}   perplexity {b['perplexity']:.2f} -> {a['perplexity']:.2f}"
         f"   ({s['heldout_examples']} examples)",
-        f"wrote {out}/: config.json metrics.jsonl loss.png eval.json samples.md adapter/ peft/ checkpoint/"
+        f"wrote {out}/: config.json metrics.jsonl loss.png eval.json samples.md adapter/ "
+        + ("peft/ " if peft else "")
+        + "checkpoint/"
         + (" merged/" if merged else ""),
         f"samples before/after: {out}/samples.md    curves: {out}/loss.png",
-        f"load with PEFT: PeftModel.from_pretrained(base, '{out}/peft')",
+        f"load with PEFT: PeftModel.from_pretrained(base, '{out}/peft')" if peft else
+        f"{s['method']}'s update is not low-rank, so there is no PEFT LoRA export: ship the merged model ("
+        + (f"{out}/merged)" if merged else "rerun with --merge)"),
     ]
     return "\n".join(lines)

@@ -49,6 +49,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, overwrite: bool =
             "subtract": layer.init_A is not None,
             "trainable": sorted(layer.trainable),
             "fold": layer.folded,
+            "weightless": layer.weightless,
             "dropout": getattr(layer.dropout, "p", 0.0),
             "fingerprint": layer.fingerprint,
             "tensors": {k: list(v.shape) for k, v in own.items()},
@@ -137,6 +138,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layers[name] = SpectralLinear(
                 modules[name], own.get("lora_A"), own.get("lora_B"), A0=own.get("init_A"), B0=own.get("init_B"),
                 core=cfg.for_module(name).make_core(core) if core else None, bias="lora_bias" in own,
+                weightless=info.get("weightless", False),
                 scaling=info["scaling"], trainable=frozenset(info["trainable"]), fold=info["fold"],
                 dropout=info["dropout"], fingerprint=info["fingerprint"],
             )  # fmt: skip

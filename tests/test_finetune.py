@@ -126,3 +126,12 @@ def test_micro_batches_split_the_rank_share_and_mask_an_empty_one():
     assert [mb["input_ids"][:, 2].tolist() for mb in r1] == [[5]]
     (empty,) = _micro_batches(cfg, items[:1], rank=1, world=2, pad_id=0)  # a 1-example last batch
     assert empty["input_ids"].tolist() == [[1, 2, 3]] and (empty["labels"] == -100).all()
+
+
+def test_a_full_rank_method_ships_merged_weights_instead_of_a_peft_adapter(tiny_run_inputs, tmp_path):
+    lines = []
+    cfg = _cfg(tiny_run_inputs, method="clip-svd", method_options={}, steps=2, eval_every=2, merge=True)
+    finetune(cfg, tmp_path / "run", progress=False, log=lines.append)
+    assert (tmp_path / "run" / "adapter" / "svdkit.json").is_file() and (tmp_path / "run" / "merged").is_dir()
+    assert not (tmp_path / "run" / "peft").exists()
+    assert "no PEFT LoRA export" in lines[-1] and "merged" in lines[-1]

@@ -242,3 +242,27 @@ def test_method_defaults():
 def test_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         svdkit.SVFT(**options)
+
+
+def test_fold_drops_the_weight_and_computes_from_the_factors():
+    from conftest import model_output, perturb_adapters, tiny_model
+    from svdkit.api import adapted_layers
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    kept, folded = tiny_model("llama"), tiny_model("llama")
+    original = {n: p.detach().clone() for n, p in folded.named_parameters()}
+    svdkit.adapt(kept, svdkit.SVFT(pattern="banded", bands=1), progress=False)
+    svdkit.adapt(folded, svdkit.SVFT(pattern="banded", bands=1, fold=True), progress=False)
+    for model in (kept, folded):
+        perturb_adapters(model)
+    for (_, a), (_, b) in zip(adapted_layers(kept), adapted_layers(folded)):
+        assert a.weight is not None and b.weight is None and b.base.weight is None  # W is not held
+        m, n = b.out_features, b.in_features
+        held = sum(t.numel() for t in (*b.buffers(), *b.parameters()) if t.is_floating_point())
+        assert held < m * n + (m + n) * min(m, n)  # only the factors, the core and the bias
+        torch.testing.assert_close(b.merged_weight(), a.merged_weight(), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(folded, ids), model_output(kept, ids), atol=1e-5, rtol=0)
+    svdkit.unadapt(folded)
+    for name, p in folded.named_parameters():  # W = UΣVᵀ again, up to rounding
+        torch.testing.assert_close(p, original[name], atol=1e-6, rtol=0)

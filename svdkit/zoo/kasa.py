@@ -51,6 +51,10 @@ class KaSA(AdapterConfig):
     number of layers; here the r×r grams of the paper's ‖ΔUᵀΔU − I_r‖ (as PEFT) and a plain sum (the
     paper's loss has no 1/L; PEFT sums too). The official code also truncates to in_features − r
     components, so nothing is removed where out < in; here always k − r (as PEFT).
+    Measured on the default model: discarding the 16 smallest components of all 210 block linears
+    raises the loss on an English sentence from 3.14 to 12.95 (the same as truncating the weights
+    directly; the v_proj layers, k = 192, lose up to 2.8 % of their Σσ²): the truncation is not free on
+    small models.
     Defaults: r 16, α = r (the paper: GLUE r 8, LLaMA-3 r 32, both α = 2r: pass alpha=2*rank for its s = 2),
     dropout 0, lr 3e-4, weight decay 0.
     """

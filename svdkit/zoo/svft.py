@@ -20,13 +20,18 @@ from ..linalg import layer_seed, svd_exact
 PATTERNS = ("plain", "banded", "random", "top-k")
 INITS = ("zero", "kaiming")
 DEFAULT_BANDS = 16  # the paper's d for its banded/random Gemma-2B runs (lr 5e-3 there)
-CORE_KEYS = ("values", "gate", "rows", "cols", "size")
+CORE_KEYS = ("values", "gate", "rows", "cols", "size")  # + "sigma" (Σ/s) with fold=True
 
 
 class SparseCore(nn.Module):
-    """C = σ(g)·M, M (k×k) zero except ``values`` at (``rows``, ``cols``); repeated positions add up."""
+    """C = σ(g)·M, M (k×k) zero except ``values`` at (``rows``, ``cols``); repeated positions add up.
 
-    def __init__(self, values: Tensor, gate: Tensor, rows: Tensor, cols: Tensor, size: Tensor):
+    With ``sigma`` (Σ/s, frozen; SVFT with fold=True) C = diag(sigma) + σ(g)·M and ``base()`` = diag(sigma):
+    the layer then drops W, since s·U diag(Σ/s) Vᵀ = W.
+    """
+
+    def __init__(self, values: Tensor, gate: Tensor, rows: Tensor, cols: Tensor, size: Tensor,
+                 sigma: Tensor | None = None):  # fmt: skip
         super().__init__()
         self.values = nn.Parameter(values.detach().clone())
         self.gate = nn.Parameter(gate.detach().clone())
@@ -34,10 +39,18 @@ class SparseCore(nn.Module):
         self.register_buffer("cols", cols.detach().clone().long())
         self.register_buffer("size", size.detach().clone().long())
         self.k = int(size)  # a Python int: no device sync in forward
+        if sigma is not None:
+            self.register_buffer("sigma", sigma.detach().clone())
+        else:
+            self.sigma = None
 
     def forward(self) -> Tensor:
-        dense = self.values.new_zeros(self.k, self.k)
+        dense = self.values.new_zeros(self.k, self.k) if self.sigma is None else torch.diag(self.sigma)
         return dense.index_put((self.rows, self.cols), torch.sigmoid(self.gate) * self.values, accumulate=True)
+
+    def base(self) -> Tensor:
+        """The part of C that stands for W (fold=True only)."""
+        return torch.diag(self.sigma)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, entries={self.values.numel()}, gated"
@@ -127,11 +140,12 @@ class SVFT(AdapterConfig):
     Positions are stored row-major with the adapter (never recomputed at load).
     Defaults: lr 5e-2 (plain; the paper uses 5e-3 for banded d = 16), weight decay 0.
 
-    Memory: the layer holds W (untouched) plus U (m×k) and Vᵀ (k×n): (m+n)k/(mn) = (m+n)/max(m, n)
-    times the weight (×2 in bytes for a bf16 base, factors being fp32). SmolLM2-135M: 2.0 for 576×576,
-    1.33 for 192×576, 1.375 for 1536×576 and 576×1536; 1.49 over all its adapted weights. Not holding W
-    would need the layer to drop its base term (y = b + s·B C A·x with C = Σ + σ(g)M) and restore W for
-    unadapt/merge from an offloaded copy — layers.py has no such mode.
+    Memory: by default the layer holds W (untouched) plus U (m×k) and Vᵀ (k×n): (m+n)k/(mn) =
+    (m+n)/max(m, n) extra times the weight (×2 in bytes for a bf16 base, factors being fp32). SmolLM2-135M:
+    2.0 for 576×576, 1.33 for 192×576, 1.375 for 1536×576 and 576×1536; 1.49 over all its adapted weights.
+    ``fold=True`` computes the function from U, Σ, V alone, y = b + s·U(Σ/s + σ(g)M)Vᵀx, and drops W
+    (freed unless something else references it): memory (m+n)k instead of mn + (m+n)k; ``unadapt``
+    then restores W = UΣVᵀ up to rounding (as for every ``fold``).
     """
 
     pattern: str = "plain"
@@ -177,7 +191,7 @@ class SVFT(AdapterConfig):
     def initialize(self, weights, names, calibration=None) -> Init:
         b, m, n = weights.shape
         k = min(m, n)
-        U, _, Vh = svd_exact(weights, k, "top", self.dtype)
+        U, S, Vh = svd_exact(weights, k, "top", self.dtype)
         pattern = _Pattern(self, k)
         p = pattern.count()
         kaiming = self.init == "kaiming"
@@ -193,9 +207,11 @@ class SVFT(AdapterConfig):
             values=torch.stack(values).to(dev, dt), gate=torch.zeros(b, 1, device=dev, dtype=dt),
             rows=torch.stack(rows).to(dev), cols=torch.stack(cols).to(dev), size=torch.full((b,), k, device=dev),
         )  # fmt: skip
-        return Init(A=Vh, B=U, trainable=frozenset(), subtract=False, core=core)
+        if self.fold:  # the factors stand for W: the layer drops it (memory (m+n)k instead of mn + (m+n)k)
+            core["sigma"] = S / self.scaling
+        return Init(A=Vh, B=U, trainable=frozenset(), subtract=False, core=core, weightless=self.fold)
 
     def make_core(self, tensors: dict[str, Tensor]) -> SparseCore:
-        if set(tensors) != set(CORE_KEYS):
-            raise ValueError(f"an SVFT core takes {list(CORE_KEYS)}, got {sorted(tensors)}.")
-        return SparseCore(*(tensors[key] for key in CORE_KEYS))
+        if set(tensors) - {"sigma"} != set(CORE_KEYS):
+            raise ValueError(f"an SVFT core takes {list(CORE_KEYS)} (+ sigma with fold=True), got {sorted(tensors)}.")
+        return SparseCore(*(tensors[key] for key in CORE_KEYS), sigma=tensors.get("sigma"))

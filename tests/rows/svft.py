@@ -61,3 +61,4 @@ ROWS = [
     Row("svft", dict(pattern="top-k", num_entries=6), params, id="svft-top-k"),
     Row("svft", dict(pattern="banded", bands=1, init="kaiming"), params, kaiming_banded_init, id="svft-kaiming"),
 ]
+ROWS.append(Row("svft", dict(pattern="banded", bands=1, fold=True), params, id="svft-fold-weightless"))
