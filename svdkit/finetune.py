@@ -258,7 +258,7 @@ def _finish(cfg, out, model, tok, heldout, before, final_eval, pad_id, log) -> d
                "train": report.train_stats(report.read_metrics(out / METRICS))}  # fmt: skip
     write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
     report.write_samples(out / "samples.md", heldout[: cfg.samples], tok, before["samples"], after["samples"])
-    report.plot_losses(out / METRICS, out / "loss.png")
+    report.plot_losses(out / METRICS, out / "loss.png", before["eval"]["loss"])
     if cfg.merge:
         api.merge(model)
         with atomic_dir(out / "merged", overwrite=True) as tmp:

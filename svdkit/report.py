@@ -60,8 +60,8 @@ def write_samples(path: Path, items: list[dict], tok, before: list[str], after: 
     write_text(path, "\n".join(parts))
 
 
-def plot_losses(metrics: Path, png: Path) -> None:
-    """loss.png: training loss per step and held-out loss at each evaluation."""
+def plot_losses(metrics: Path, png: Path, before: float | None = None) -> None:
+    """loss.png: training loss per step and held-out loss at each evaluation (``before``: at step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +70,7 @@ def plot_losses(metrics: Path, png: Path) -> None:
     rows = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
-    held = [r for r in rows if "heldout_loss" in r]
+    held = ([] if before is None else [{"step": 0, "heldout_loss": before}]) + [r for r in rows if "heldout_loss" in r]
     ax.plot([r["step"] for r in held], [r["heldout_loss"] for r in held], "o-", label="held-out")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"svdkit finetune: {metrics.parent.name}")
     ax.legend()
