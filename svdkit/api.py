@@ -77,9 +77,8 @@ def _batches(plan):
         key = (json.dumps(mcfg.to_dict(), sort_keys=True), tuple(W.shape), W.dtype, W.device)
         groups.setdefault(key, []).append(item)
     for (_, _, _, device), items in groups.items():
-        per = max(1, MAX_BATCH_ELEMENTS // weight_matrix(items[0][1]).numel())
-        if device.type == "cpu" or not items[0][2].batched:
-            per = 1
+        alone = device.type == "cpu" or not items[0][2].batched
+        per = 1 if alone else max(1, MAX_BATCH_ELEMENTS // weight_matrix(items[0][1]).numel())
         for start in range(0, len(items), per):
             yield items[start : start + per]
 

@@ -70,6 +70,7 @@ class AdapterConfig:
     exports_lora: ClassVar[bool] = True  # False: the update is not low-rank; ship merged weights instead
     batched: ClassVar[bool] = True  # False: layers get their own ranks, so each is initialized alone
     uses_rank: ClassVar[bool] = True  # False: the method adapts the full spectrum and ignores ``rank``
+    core_type: ClassVar[type | None] = None  # the svdkit.cores.Core subclass that make_core builds
     lr: ClassVar[float] = 2e-4  # the paper's learning rate (svdkit finetune's default for the method)
     weight_decay: ClassVar[float] = 0.0  # 0 for adapters initialized from principal components
 
@@ -128,9 +129,10 @@ class AdapterConfig:
         """The trainable core C between B and A for one layer, from its ``Init.core`` (or saved) tensors.
 
         A core is an ``nn.Module`` whose ``forward()`` returns a vector (a diagonal C) or a matrix; its
-        parameters and buffers must be exactly ``tensors`` (so that save/load round-trips).
+        parameters and buffers must be exactly ``tensors`` (so that save/load round-trips). By default the
+        method's ``core_type`` is built from them; override only when the core needs more (e.g. the rank).
         """
-        return None
+        return None if self.core_type is None else self.core_type.from_tensors(type(self).__name__, tensors)
 
     def regularizer(self, layer) -> torch.Tensor | None:
         """This method's extra loss for one adapted layer, or None (the default)."""

@@ -8,11 +8,29 @@ scale-and-shift, Spectral Adapter's Cayley rotations) live with their methods in
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 
-class Delta(nn.Module):
+class Core(nn.Module):
+    """Base of every core: ``from_tensors`` builds one from its named tensors, checking the names against
+    the constructor (so a corrupt or foreign adapter gets a clear error instead of a TypeError)."""
+
+    @classmethod
+    def from_tensors(cls, owner: str, tensors: dict[str, Tensor], **extra) -> "Core":
+        params = [p for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self" and name not in extra]
+        required = [p.name for p in params if p.default is p.empty]
+        optional = [p.name for p in params if p.default is not p.empty]
+        if not set(required) <= set(tensors) <= set(required) | set(optional):
+            more = f" (and optionally {', '.join(map(repr, optional))})" if optional else ""
+            raise ValueError(f"{owner} core takes {'' if optional else 'only '}{', '.join(map(repr, required))}{more}, "
+                             f"got {sorted(tensors)}.")  # fmt: skip
+        return cls(**tensors, **extra)
+
+
+class Delta(Core):
     """C = value − initial: a trainable vector or matrix, measured from its frozen starting point.
 
     With ``initial`` the update is zero at init whatever ``value`` starts at (SVFit trains σ from σ₀:
@@ -27,13 +45,6 @@ class Delta(nn.Module):
         else:
             self.initial = None
 
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor]) -> "Delta":
-        unknown = set(tensors) - {"value", "initial"}
-        if "value" not in tensors or unknown:
-            raise ValueError(f"a Delta core takes 'value' and optionally 'initial', got {sorted(tensors)}")
-        return cls(tensors["value"], tensors.get("initial"))
-
     def forward(self) -> Tensor:
         return self.value if self.initial is None else self.value - self.initial
 
@@ -42,7 +53,7 @@ class Delta(nn.Module):
         return f"{kind} {tuple(self.value.shape)}" + (", from its init" if self.initial is not None else "")
 
 
-class Fixed(nn.Module):
+class Fixed(Core):
     """C = value, frozen (a buffer): e.g. Spectral Adapter A's Σ_r between its trainable bases."""
 
     def __init__(self, value: Tensor):
@@ -53,7 +64,7 @@ class Fixed(nn.Module):
         return self.value
 
 
-class BlockScale(nn.Module):
+class BlockScale(Core):
     """C = diag(value ⊗ 1_block): one trainable scalar per block of ``block`` consecutive components."""
 
     def __init__(self, value: Tensor, block: int):

@@ -148,12 +148,14 @@ def finetune(
     examples = data.load_examples(cfg.data, tok, max_length=cfg.max_length, skip_malformed=cfg.skip_malformed)
     train_items, heldout = data.split(examples, cfg.heldout_fraction, cfg.seed)
     heldout = heldout[: cfg.max_heldout]
+    before = None  # the base model's evaluation and samples: rank 0 makes and reports them
     if resume:
         load_adapter(model, out / CHECKPOINT / "adapter")
-        before = json.loads((out / BEFORE).read_text())
-    else:
-        before = {"eval": _evaluate(model, heldout, cfg, pad_id), "samples": report.generate(model, tok, heldout[: cfg.samples])}
         if main:
+            before = json.loads((out / BEFORE).read_text())
+    else:
+        if main:
+            before = {"eval": _evaluate(model, heldout, cfg, pad_id), "samples": report.generate(model, tok, heldout[: cfg.samples])}
             write_text(out / BEFORE, json.dumps(before, indent=2) + "\n")
         api.adapt(model, cfg.adapter_config(), progress=progress if main else False)
     method = api.state(model).config

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, register
+from ..cores import Core
 from ..layers import Init
 
 
@@ -43,7 +44,7 @@ def block_diagonal(blocks: Tensor) -> Tensor:
     return torch.block_diag(*blocks.unbind(0))
 
 
-class HeadCores(nn.Module):
+class HeadCores(Core):
     """C = blockdiag((value_j − initial_j)ᵀ): one trainable d×d core per head, measured from its init.
 
     ``value`` (h, d, d) holds the per-head R_j/s and trains; ``initial`` is its frozen starting copy.
@@ -149,7 +150,4 @@ class CLOVER(AdapterConfig):
         R = R / self.scaling
         return Init(A=A, B=None, trainable=frozenset(), subtract=False, core={"value": R, "initial": R})
 
-    def make_core(self, tensors) -> nn.Module:
-        if set(tensors) != {"value", "initial"}:
-            raise ValueError(f"a CLOVER core takes 'value' and 'initial', got {sorted(tensors)}")
-        return HeadCores(tensors["value"], tensors["initial"])
+    core_type = HeadCores

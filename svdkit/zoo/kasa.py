@@ -87,8 +87,7 @@ class KaSA(AdapterConfig):
         device = weights.device
         return Init(A=A.to(device), B=B.to(device), subtract=False, core={"value": d.to(device)}, A0=A0, B0=B0)
 
-    def make_core(self, tensors):
-        return Delta.from_tensors(tensors)
+    core_type = Delta
 
     def regularizer(self, layer) -> Tensor:
         d = layer.core.value

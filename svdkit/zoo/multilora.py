@@ -58,6 +58,4 @@ class MultiLoRA(AdapterConfig):
                     core={"value": scales.to(device)})  # fmt: skip
 
     def make_core(self, tensors) -> BlockScale:
-        if set(tensors) != {"value"}:
-            raise ValueError(f"a MultiLoRA core takes only 'value' (one scale per LoRA), got {sorted(tensors)}")
-        return BlockScale(tensors["value"], block=self.rank)
+        return BlockScale.from_tensors(type(self).__name__, tensors, block=self.rank)  # block: this module's r

@@ -34,11 +34,6 @@ def layer_generator(cfg: AdapterConfig, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(layer_seed(cfg.seed, name))
 
 
-def matrix_core(cfg: AdapterConfig, tensors: dict[str, Tensor]) -> Delta:
-    """The r×r trainable core N (C = N; no frozen ``initial``: the NLoRA update is non-zero at init)."""
-    return Delta.from_tensors(tensors)
-
-
 def contiguous_copy(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A contiguous copy of a slice of the (possibly transposed, Conv1D) weight: never a view of it, and laid
     out as save/load will lay it out, so a reloaded adapter computes bit-identical outputs."""
@@ -97,7 +92,7 @@ class SLoRA(AdapterConfig):
         return Init(A=torch.stack(A).to(device), B=B.to(device), subtract=False,
                     core={"value": torch.stack(N).to(device)})  # fmt: skip
 
-    make_core = matrix_core
+    core_type = Delta  # the r×r trainable N (no frozen initial: the NLoRA update is non-zero at init)
 
 
 @register
@@ -131,7 +126,7 @@ class NLoRA(AdapterConfig):
     def initialize(self, weights, names, calibration=None) -> Init:
         return nystrom_init(self, weights, frozenset({"A", "B"}))
 
-    make_core = matrix_core
+    core_type = Delta  # the r×r trainable N (no frozen initial: the NLoRA update is non-zero at init)
 
 
 @register

@@ -81,5 +81,4 @@ class QRLoRA(AdapterConfig):
         B = Q[:, :r].contiguous()
         return Init(A=A[None], B=B[None], trainable=frozenset(), subtract=False, core={"value": lam})
 
-    def make_core(self, tensors):
-        return Delta.from_tensors(tensors)
+    core_type = Delta

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, register
+from ..cores import Core
 from ..layers import Init
 from ..linalg import layer_seed, svd_exact
 
-CORE_KEYS = {"sigma", "scale", "shift", "X", "Y"}
 
 
-class SALTCore(nn.Module):
+class SALTCore(Core):
     """C = ReLU(Ŝ) − diag(σ); trains ``scale`` α, ``shift`` β (t each) and the tail LoRA ``X``, ``Y``."""
 
     def __init__(self, sigma: Tensor, scale: Tensor, shift: Tensor, X: Tensor, Y: Tensor):
@@ -113,10 +113,7 @@ class SALT(AdapterConfig):
         }
         return Init(A=Vh, B=U, trainable=frozenset(), subtract=False, core=core)
 
-    def make_core(self, tensors):
-        if set(tensors) != CORE_KEYS:
-            raise ValueError(f"SALT: core tensors must be {sorted(CORE_KEYS)}, got {sorted(tensors)}.")
-        return SALTCore(**tensors)
+    core_type = SALTCore
 
     def regularizer(self, layer):
         """reg_multiplier · (‖diag(α⊙σ_top + β) − diag(σ_top)‖_F + ‖X Y‖_F), or None when the weight is 0."""

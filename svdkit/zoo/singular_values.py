@@ -113,8 +113,7 @@ class SVFit(AdapterConfig):
             U, S, Vh = U[..., :r].contiguous(), S[..., :r].contiguous(), Vh[..., :r, :].contiguous()
         return spectral_init(U, S, Vh)
 
-    def make_core(self, tensors):
-        return Delta.from_tensors(tensors)
+    core_type = Delta
 
 
 @register
@@ -143,8 +142,7 @@ class CLIPSVD(AdapterConfig):
     def initialize(self, weights, names, calibration=None) -> Init:
         return spectral_init(*full_spectrum(self, weights))
 
-    def make_core(self, tensors):
-        return Delta.from_tensors(tensors)
+    core_type = Delta
 
 
 @register
@@ -197,8 +195,7 @@ class VectorFit(AdapterConfig):
     def initialize(self, weights, names, calibration=None) -> Init:
         return spectral_init(*full_spectrum(self, weights), bias=True)
 
-    def make_core(self, tensors):
-        return Delta.from_tensors(tensors)
+    core_type = Delta
 
     def after_step(self, layers: dict, step: int, total_steps: int) -> None:
         if self.avf_fraction == 0 or step % self.avf_interval:

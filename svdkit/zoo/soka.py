@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, register
+from ..cores import Core
 from ..layers import Init
 from ..linalg import svd_exact
 
@@ -100,7 +101,7 @@ def kronecker_rank(S: Tensor, energy: float, elbow: bool, cap: int) -> int:
 
 
 # -- the core -------------------------------------------------------------------------------------------
-class KroneckerDelta(nn.Module):
+class KroneckerDelta(Core):
     """C = Σ_k σ_k U_k ⊗ V_k − Σ_k σ⁰_k U⁰_k ⊗ V⁰_k: trainable Kronecker terms measured from their init.
 
     The frozen starting terms are kept as factors (R(m1n1 + m2n2 + 1) numbers), not as a dense m×n copy;
@@ -200,7 +201,4 @@ class SoKA(AdapterConfig):
         sigma = S[:R] / self.scaling
         return sigma, U[:R], V[:R], sigma, U[:R], V[:R]
 
-    def make_core(self, tensors) -> nn.Module:
-        if set(tensors) != set(_CORE_KEYS):
-            raise ValueError(f"a SoKA core takes {list(_CORE_KEYS)}, got {sorted(tensors)}")
-        return KroneckerDelta(*(tensors[key] for key in _CORE_KEYS))
+    core_type = KroneckerDelta

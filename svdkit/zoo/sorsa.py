@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, register
-from ..cores import Delta
+from ..cores import Core, Delta
 from ..layers import Init
 from ..linalg import layer_seed, svd_exact, truncated_svd
 
@@ -79,8 +79,7 @@ class SORSA(AdapterConfig):
     def initialize(self, weights, names, calibration=None) -> Init:
         return spectral_init(self, weights, names, "top")
 
-    def make_core(self, tensors):
-        return Delta.from_tensors(tensors)
+    core_type = Delta
 
     def after_clipping(self, layers: dict, peak_lr: float) -> None:
         """grad += (γ/η_max)·∇L_o, L_o the mean of the layers' orthonormality terms."""
@@ -105,7 +104,7 @@ class SORSA(AdapterConfig):
                     p.grad.add_(g.to(p.grad.dtype), alpha=scale)
 
 
-class ResidualCore(nn.Module):
+class ResidualCore(Core):
     """Effort's σ_res (trainable) and, for its orthogonality regularizer, the frozen principal bases."""
 
     def __init__(self, value: Tensor, U_main: Tensor | None = None, Vh_main: Tensor | None = None):
@@ -187,11 +186,7 @@ class Effort(AdapterConfig):
         return Init(A=Vh[:, cut:, :].contiguous(), B=U[:, :, cut:].contiguous(), subtract=True,
                     core={k: v.contiguous() for k, v in core.items()})  # fmt: skip
 
-    def make_core(self, tensors):
-        unknown = set(tensors) - {"value", "U_main", "Vh_main"}
-        if "value" not in tensors or unknown:
-            raise ValueError(f"an Effort core takes 'value' and optionally 'U_main', 'Vh_main', got {sorted(tensors)}")
-        return ResidualCore(tensors["value"], tensors.get("U_main"), tensors.get("Vh_main"))
+    core_type = ResidualCore
 
     def regularizer(self, layer) -> Tensor | None:
         terms = []

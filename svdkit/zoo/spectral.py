@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, register
-from ..cores import Fixed
+from ..cores import Core, Fixed
 from ..layers import Init
 from ..linalg import layer_seed, truncated_svd
 
@@ -25,11 +25,6 @@ def top_svd(cfg: AdapterConfig, weights: Tensor, names) -> tuple[Tensor, Tensor,
     """Top-r (U_r, σ_r, V_rᵀ) of a batch of weights, exact or seeded randomized as the config asks."""
     seeds = [layer_seed(cfg.seed, name) for name in names]
     return truncated_svd(weights, cfg.rank, "top", cfg.svd, seeds, cfg.niter, cfg.oversample, cfg.dtype)
-
-
-def _check_keys(cls: str, tensors: dict, expected: set) -> None:
-    if set(tensors) != expected:
-        raise ValueError(f"{cls}: core tensors must be {sorted(expected)}, got {sorted(tensors)}.")
 
 
 @register
@@ -55,9 +50,7 @@ class SpectralAdapterA(AdapterConfig):
         U, S, Vh = top_svd(self, weights, names)
         return Init(A=Vh, B=U, core={"value": S})  # subtract: B₀ = U_r Σ_r, A₀ = V_rᵀ
 
-    def make_core(self, tensors):
-        _check_keys(type(self).__name__, tensors, {"value"})
-        return Fixed(tensors["value"])
+    core_type = Fixed
 
 
 def skew(entries: Tensor, r: int) -> Tensor:
@@ -73,7 +66,7 @@ def cayley(K: Tensor) -> Tensor:
     return torch.linalg.solve(eye + K, eye - K)
 
 
-class CayleyCore(nn.Module):
+class CayleyCore(Core):
     """C = Q_U Σ_r Q_Vᵀ − Σ_r with Cayley rotations of trainable skew-symmetric K_U, K_V (zero at init).
 
     ``k_u``, ``k_v`` hold the strict upper triangles (r(r−1)/2 values each); ``sigma`` (Σ_r) is frozen.
@@ -130,6 +123,4 @@ class SpectralAdapterR(AdapterConfig):
         return Init(A=Vh, B=U, trainable=frozenset(), subtract=False,
                     core={"sigma": S, "k_u": zeros, "k_v": zeros.clone()})  # fmt: skip
 
-    def make_core(self, tensors):
-        _check_keys(type(self).__name__, tensors, {"sigma", "k_u", "k_v"})
-        return CayleyCore(tensors["sigma"], tensors["k_u"], tensors["k_v"])
+    core_type = CayleyCore

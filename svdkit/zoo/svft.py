@@ -14,16 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, register
+from ..cores import Core
 from ..layers import Init
 from ..linalg import layer_seed, svd_exact
 
 PATTERNS = ("plain", "banded", "random", "top-k")
 INITS = ("zero", "kaiming")
 DEFAULT_BANDS = 16  # the paper's d for its banded/random Gemma-2B runs (lr 5e-3 there)
-CORE_KEYS = ("values", "gate", "rows", "cols", "size")  # + "sigma" (Σ/s) with fold=True
 
 
-class SparseCore(nn.Module):
+class SparseCore(Core):
     """C = σ(g)·M, M (k×k) zero except ``values`` at (``rows``, ``cols``); repeated positions add up.
 
     With ``sigma`` (Σ/s, frozen; SVFT with fold=True) C = diag(sigma) + σ(g)·M and ``base()`` = diag(sigma):
@@ -211,7 +211,4 @@ class SVFT(AdapterConfig):
             core["sigma"] = S / self.scaling
         return Init(A=Vh, B=U, trainable=frozenset(), subtract=False, core=core, weightless=self.fold)
 
-    def make_core(self, tensors: dict[str, Tensor]) -> SparseCore:
-        if set(tensors) - {"sigma"} != set(CORE_KEYS):
-            raise ValueError(f"an SVFT core takes {list(CORE_KEYS)} (+ sigma with fold=True), got {sorted(tensors)}.")
-        return SparseCore(*(tensors[key] for key in CORE_KEYS), sigma=tensors.get("sigma"))
+    core_type = SparseCore
