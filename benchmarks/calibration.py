@@ -49,8 +49,8 @@ import torch
 
 import svdkit
 from common import provenance, log, proc_status_kib, resident_model, reset_hwm, write_report
-from svdkit import data
-from svdkit.api import adapted_layers
+from svdkit.training import data
+from svdkit.adapters.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MAX_LENGTH = 128
@@ -168,7 +168,7 @@ def memory_child(args) -> None:
     """Run one variant once in this (fresh) process; print one JSON line with its peak memory."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(svdkit.models.default_model_dir()))
+    tok = AutoTokenizer.from_pretrained(str(svdkit.core.models.default_model_dir()))
     items = calibration_items(tok, args.samples[0])
     batches, singles = make_batches(items, args.batch, tok.pad_token_id), single_sequences(items)
     model, _, base_kib, trimmed = resident_model(1, 8)

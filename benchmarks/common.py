@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from svdkit.bench.diagnose import malloc_trim, reset_peak as reset_hwm, status_kib as proc_status_kib  # noqa: F401 (re-exported)
-from svdkit.files import write_text
+from svdkit.benchmarking.diagnose import malloc_trim, reset_peak as reset_hwm, status_kib as proc_status_kib  # noqa: F401 (re-exported)
+from svdkit.core.files import write_text
 
 
 def cpu_model() -> str:

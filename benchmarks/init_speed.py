@@ -34,7 +34,7 @@ import torch
 
 import svdkit
 from common import provenance, verdict, write_report
-from svdkit.api import adapted_layers
+from svdkit.adapters.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXACT = "svdkit exact"

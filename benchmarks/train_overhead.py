@@ -64,7 +64,7 @@ import torch
 import svdkit
 from common import (provenance, LoadMeter, log, make_batch, malloc_trim, proc_status_kib, resident_model, reset_hwm,
                     verdict, write_report)
-from svdkit.api import adapted_layers
+from svdkit.adapters.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOOR = "frozen base (floor)"

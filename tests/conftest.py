@@ -100,7 +100,7 @@ def tiny_run_inputs(tmp_path_factory):
     import transformers as tf
 
     root = tmp_path_factory.mktemp("ft")
-    tok = tf.AutoTokenizer.from_pretrained(str(svdkit.models.default_model_dir()))
+    tok = tf.AutoTokenizer.from_pretrained(str(svdkit.core.models.default_model_dir()))
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256)  # fmt: skip

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.api import adapted_layers
-from svdkit.layers import weight_matrix
-from svdkit.targets import select_targets
+from svdkit.adapters.api import adapted_layers
+from svdkit.adapters.layers import weight_matrix
+from svdkit.core.targets import select_targets
 
 from conftest import model_output, tiny_model
 

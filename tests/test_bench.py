@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.bench import arithmetic, bigbench, claims, grid, report
-from svdkit.diagnostics import effective_rank, intruder_dimensions
+from svdkit.benchmarking import arithmetic, bigbench, claims, grid, report
+from svdkit.inspection.diagnostics import effective_rank, intruder_dimensions
 
 
 # -- diagnostics -----------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_cli_bench_help(capsys):
 
 def test_intruder_summary_spreads_over_module_types():
     from conftest import perturb_adapters, tiny_model
-    from svdkit.bench.diagnose import intruder_summary
+    from svdkit.benchmarking.diagnose import intruder_summary
 
     model = tiny_model("llama")
     svdkit.adapt(model, svdkit.config("lora", rank=4), progress=False)
@@ -239,6 +239,6 @@ def test_intruder_summary_spreads_over_module_types():
     summary = intruder_summary(model, max_layers=7, k=4)
     names = list(summary["per_layer"])
     assert len(names) == 7 and len({n.rsplit(".", 1)[-1] for n in names}) == 7  # q, k, v, o, gate, up, down
-    layers = dict(svdkit.api.adapted_layers(model))
+    layers = dict(svdkit.adapters.api.adapted_layers(model))
     direct = [intruder_dimensions(layers[n].original_weight(), layers[n].merged_weight(), k=4) for n in names]
     assert summary["per_layer"] == dict(zip(names, direct)) and summary["total"] == sum(direct)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.calibration import Calibration, Statistic
-from svdkit.layers import weight_matrix
-from svdkit.statistics import InputCovariance, MeanGradient
-from svdkit.targets import select_targets
+from svdkit.core.calibration import Calibration, Statistic
+from svdkit.adapters.layers import weight_matrix
+from svdkit.core.statistics import InputCovariance, MeanGradient
+from svdkit.core.targets import select_targets
 
 from conftest import calibration_batches, output_loss, tiny_model
 
@@ -188,7 +188,7 @@ def test_adapt_asks_for_statistics_and_checks_they_fit():
         svdkit.adapt(tiny_model("llama", seed=1), cfg, calibration=stats)
     with pytest.raises(TypeError, match="svdkit.Calibration"):
         svdkit.adapt(model, cfg, calibration={"x": 1})
-    assert not any(isinstance(m, svdkit.layers.SpectralLinear) for m in model.modules())  # nothing half-done
+    assert not any(isinstance(m, svdkit.adapters.layers.SpectralLinear) for m in model.modules())  # nothing half-done
     svdkit.adapt(model, cfg, calibration=stats)
     with pytest.raises(ValueError, match="already adapted"):
         svdkit.calibrate(model, calibration_batches(), cfg)
@@ -222,9 +222,9 @@ class RegisteredCovarianceLoRA(CovarianceLoRA):
 def test_finetune_calibrates_saves_and_reuses_the_statistics(tiny_run_inputs, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from svdkit.finetune import FinetuneConfig, finetune
+    from svdkit.training.finetune import FinetuneConfig, finetune
 
-    from svdkit.config import _REGISTRY
+    from svdkit.core.registry import _REGISTRY
 
     monkeypatch.setitem(_REGISTRY, RegisteredCovarianceLoRA.name, RegisteredCovarianceLoRA)
     model, data = tiny_run_inputs

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.api import adapted_layers
-from svdkit.layers import SpectralLinear, weight_matrix
-from svdkit.targets import select_targets
+from svdkit.adapters.api import adapted_layers
+from svdkit.adapters.layers import SpectralLinear, weight_matrix
+from svdkit.core.targets import select_targets
 
 from conftest import ARCHS, adapt, calibration_for, model_output, perturb_adapters, tiny_model
 from rows import all_rows

@@ -1,4 +1,4 @@
-"""svdkit.data: JSONL/built-in datasets → labelled token examples, splits, batches, evaluation."""
+"""svdkit.training.data: JSONL/built-in datasets → labelled token examples, splits, batches, evaluation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import svdkit
-from svdkit import data
+from svdkit.training import data
 
 from conftest import tiny_model
 
@@ -20,7 +20,7 @@ IM_END = "<|im_end|>"
 def tok():
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(svdkit.models.default_model_dir()))
+    return transformers.AutoTokenizer.from_pretrained(str(svdkit.core.models.default_model_dir()))
 
 
 def write_jsonl(path, records) -> str:

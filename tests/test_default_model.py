@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import svdkit
-from svdkit import models
-from svdkit.targets import select_targets
+from svdkit.core import models
+from svdkit.core.targets import select_targets
 
 from conftest import tiny_model
 

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import svdkit
-from svdkit.api import adapted_layers
+from svdkit.adapters.api import adapted_layers
 
 from conftest import tiny_model
 
@@ -60,7 +60,7 @@ TRAIN = dict(method="pissa", rank=2, steps=9, batch_size=5, lr=1e-2, eval_every=
 
 
 def _train_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
-    from svdkit.finetune import FinetuneConfig, finetune
+    from svdkit.training.finetune import FinetuneConfig, finetune
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
@@ -72,7 +72,7 @@ def _train_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None
 def test_two_process_training_equals_single_process_training(tiny_run_inputs, tmp_path):
     from safetensors.torch import load_file
 
-    from svdkit.finetune import FinetuneConfig, finetune
+    from svdkit.training.finetune import FinetuneConfig, finetune
 
     model, data = tiny_run_inputs
     cfg = dict(TRAIN, model=str(model), data=str(data))
@@ -92,8 +92,8 @@ def test_two_process_training_equals_single_process_training(tiny_run_inputs, tm
 # -- calibration under data parallelism --------------------------------------------------------------
 from dataclasses import dataclass  # noqa: E402
 
-from svdkit.calibration import Statistic  # noqa: E402
-from svdkit.statistics import InputCovariance  # noqa: E402
+from svdkit.core.calibration import Statistic  # noqa: E402
+from svdkit.core.statistics import InputCovariance  # noqa: E402
 
 from conftest import calibration_batches  # noqa: E402
 
@@ -139,7 +139,7 @@ def _calibration_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_calibration_statistics_are_reduced_over_ranks(tmp_path):
-    from svdkit.calibration import Calibration
+    from svdkit.core.calibration import Calibration
 
     mp.start_processes(_calibration_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")  # fmt: skip
     for gathered in (False, True):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.finetune import FinetuneConfig, finetune
+from svdkit.training.finetune import FinetuneConfig, finetune
 
 
 def _cfg(inputs, **kw):
@@ -116,7 +116,7 @@ def test_bad_runs_are_refused(tiny_run_inputs, tmp_path):
 
 
 def test_micro_batches_split_the_rank_share_and_mask_an_empty_one():
-    from svdkit.finetune import _micro_batches
+    from svdkit.training.finetune import _micro_batches
 
     items = [{"input_ids": [1, 2, 3 + i], "labels": [1, 2, 3 + i]} for i in range(3)]
     cfg = FinetuneConfig(batch_size=4, grad_accum=2)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from svdkit.cores import BlockScale, Delta
-from svdkit.layers import SpectralLinear
+from svdkit.adapters.cores import BlockScale, Delta
+from svdkit.adapters.layers import SpectralLinear
 
 M, N, R, S = 7, 5, 3, 0.7
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdkit import linalg
+from svdkit.core import linalg
 
 
 def spectrum_matrix(m: int, n: int, decay: float = 0.8, seed: int = 0, dtype=torch.float32) -> torch.Tensor:

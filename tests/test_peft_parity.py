@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import svdkit
-from svdkit.api import adapted_layers
+from svdkit.adapters.api import adapted_layers
 
 from conftest import perturb_adapters, tiny_model
 

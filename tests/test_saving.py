@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import svdkit
-from svdkit import saving
+from svdkit.adapters import saving
 
 from conftest import perturb_adapters, tiny_model
 

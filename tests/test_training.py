@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import svdkit
-from svdkit import data, train
+from svdkit.training import data, loop as train
 
 from conftest import VOCAB, tiny_model
 
@@ -78,7 +78,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_hf_trainer_applies_regularizer_and_hooks(tmp_path):
     from transformers import TrainingArguments
 
-    from svdkit.hf import SvdkitTrainer
+    from svdkit.training.hf import SvdkitTrainer
 
     CALLS.clear()
     model = svdkit.adapt(tiny_model("llama"), Probe(rank=2, targets="v_proj"))
@@ -96,8 +96,8 @@ def test_hf_trainer_applies_output_regularizer(tmp_path, monkeypatch):
     """BA-LoRA under transformers.Trainer: one frozen-model forward per step, on the labelled positions only."""
     from transformers import TrainingArguments
 
-    from svdkit import api
-    from svdkit.hf import SvdkitTrainer
+    from svdkit.adapters import api
+    from svdkit.training.hf import SvdkitTrainer
 
     seen = []
     real = api.output_regularization
@@ -116,7 +116,7 @@ def test_hf_trainer_applies_output_regularizer(tmp_path, monkeypatch):
 
 def test_train_step_output_regularizer_sees_each_micro_batch(monkeypatch):
     """The output regularizer runs once per micro-batch on that micro-batch's labelled logits, weighted 1/k."""
-    from svdkit import api
+    from svdkit.adapters import api
 
     seen = []
     monkeypatch.setattr(api, "output_regularization", lambda m, b, out: seen.append(out.shape[0]) or out.sum() * 0 + 1.0)
@@ -150,8 +150,8 @@ def test_adalora_budget_schedule_runs_under_the_hf_trainer(tmp_path):
     """PEFT's AdaLoRA needs a hand-written update_and_allocate call; under SvdkitTrainer it just runs."""
     from transformers import TrainingArguments
 
-    from svdkit.hf import SvdkitTrainer
-    from svdkit.zoo.adalora import ranks
+    from svdkit.training.hf import SvdkitTrainer
+    from svdkit.adapters.zoo.adalora import ranks
 
     model = svdkit.adapt(tiny_model("llama"), svdkit.AdaLoRA(rank=4, target_r=2, tinit=1, tfinal=1, targets="v_proj"))
     rows = [{"input_ids": torch.tensor(i["input_ids"][:6]), "labels": torch.tensor(i["input_ids"][:6])} for i in _items(8)]

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit import train
-from svdkit.api import adapted_layers
-from svdkit.zoo.adalora import budget_schedule, ranks
+from svdkit.training import loop as train
+from svdkit.adapters.api import adapted_layers
+from svdkit.adapters.zoo.adalora import budget_schedule, ranks
 
 from conftest import perturb_adapters, tiny_model
 

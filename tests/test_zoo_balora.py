@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit import api, data, train
-from svdkit.api import adapted_layers
+from svdkit.adapters import api
+from svdkit.training import data, loop as train
+from svdkit.adapters.api import adapted_layers
 
 from conftest import VOCAB, model_output, perturb_adapters, tiny_model
 

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import svdkit
-from svdkit.api import adapted_layers
-from svdkit.layers import SpectralLinear
-from svdkit.zoo.soka import elbow_rank, energy_rank, kronecker_rank
+from svdkit.adapters.api import adapted_layers
+from svdkit.adapters.layers import SpectralLinear
+from svdkit.adapters.zoo.soka import elbow_rank, energy_rank, kronecker_rank
 
 from conftest import VOCAB, model_output, perturb_adapters, tiny_model
 
@@ -280,7 +280,7 @@ def kron_terms(sigma, U, V) -> torch.Tensor:
 
 
 def test_soka_rearrangement_identity_with_all_terms():
-    from svdkit.zoo.soka import kpsvd
+    from svdkit.adapters.zoo.soka import kpsvd
 
     W = torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     S, U, V = kpsvd(W, 3, 3, torch.float64)  # m1 = n1 = 3, m2 = 4, n2 = 3

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.api import adapted_layers
-from svdkit.covariance import covariance_svd, damped_covariance
+from svdkit.adapters.api import adapted_layers
+from svdkit.core.covariance import covariance_svd, damped_covariance
 
 from conftest import VOCAB, perturb_adapters, tiny_model
 
@@ -186,7 +186,7 @@ def test_corda_rejects_bad_options(options, match):
 
 
 def test_defaults_statistic_and_json_round_trip():
-    from svdkit.statistics import InputCovariance
+    from svdkit.core.statistics import InputCovariance
 
     cfg = svdkit.CorDA()
     assert (cfg.mode, cfg.damping, cfg.damping_tol, cfg.rank, cfg.scaling) == ("ipa", 0.01, 0.05, 16, 1.0)

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit.api import adapted_layers
-from svdkit.calibration import Calibration
-from svdkit.ipca import explained_variance_ratio, ipca_converged, ipca_start, ipca_update
-from svdkit.zoo.eva import ActivationPCA, redistribute_ranks
+from svdkit.adapters.api import adapted_layers
+from svdkit.core.calibration import Calibration
+from svdkit.core.ipca import explained_variance_ratio, ipca_converged, ipca_start, ipca_update
+from svdkit.adapters.zoo.eva import ActivationPCA, redistribute_ranks
 
 from conftest import VOCAB, calibration_batches, model_output, tiny_model
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.api import adapted_layers
-from svdkit.layers import weight_matrix
-from svdkit.targets import select_targets
+from svdkit.adapters.api import adapted_layers
+from svdkit.adapters.layers import weight_matrix
+from svdkit.core.targets import select_targets
 
 from conftest import calibration_batches, model_output, tiny_model
 
@@ -273,7 +273,7 @@ def test_lora_ga_matches_peft_up_to_peft_s_B_factor(ids):
 
 def given_gradients(model, cfg, grads) -> svdkit.Calibration:
     """A Calibration holding the given gradients (fingerprints from the model, so adapt's checks pass)."""
-    from svdkit.fingerprint import tensor_fingerprint
+    from svdkit.core.fingerprint import tensor_fingerprint
 
     prints = {name: tensor_fingerprint(weight_matrix(m)) for name, m in select_targets(model, cfg.targets)}
     return svdkit.Calibration(cfg.statistic().describe(), {k: {"gradient": v} for k, v in grads.items()}, aliases={},

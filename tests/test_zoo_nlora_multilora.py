@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import svdkit
-from svdkit.api import adapted_layers
+from svdkit.adapters.api import adapted_layers
 
 M, N_IN, R = 12, 9, 3
 

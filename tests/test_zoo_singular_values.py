@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit.export import lora_factors
+from svdkit.adapters.export import lora_factors
 
 GEN = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 

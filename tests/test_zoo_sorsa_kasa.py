@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit.api import adapted_layers
+from svdkit.adapters.api import adapted_layers
 
 GEN = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
 

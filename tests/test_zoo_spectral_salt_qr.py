@@ -1,5 +1,5 @@
 """Spectral Adapter A/R, SALT and QR-LoRA against their papers' equations written out here (METHODS.md
-§13, §8, §14), plus svdkit.linalg.pivoted_qr against the definition of a column-pivoted QR."""
+§13, §8, §14), plus svdkit.core.linalg.pivoted_qr against the definition of a column-pivoted QR."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit.api import build_layer
-from svdkit.export import lora_factors
-from svdkit.linalg import pivoted_qr
+from svdkit.adapters.api import build_layer
+from svdkit.adapters.export import lora_factors
+from svdkit.core.linalg import pivoted_qr
 
 from conftest import tiny_model
 from rows.spectral_salt_qr import reference_pivoted_gs, reference_qr_rank
@@ -197,9 +197,9 @@ def test_salt_regularization_sums_over_a_model():
     svdkit.adapt(model, svdkit.SALT(rank=2, reg_multiplier=1.0))
     assert float(svdkit.regularization(model).detach()) == 0
     with torch.no_grad():
-        for _, layer in svdkit.api.adapted_layers(model):
+        for _, layer in svdkit.adapters.api.adapted_layers(model):
             layer.core.shift.add_(1.0)  # ‖β‖ per layer = √t
-    expected = sum(math.sqrt(layer.core.top) for _, layer in svdkit.api.adapted_layers(model))
+    expected = sum(math.sqrt(layer.core.top) for _, layer in svdkit.adapters.api.adapted_layers(model))
     assert float(svdkit.regularization(model).detach()) == pytest.approx(expected, rel=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_salt_tail_rank_must_fit():
         cfg.initialize(random_weight()[None], ["layer"])
 
 
-# -- pivoted QR (svdkit.linalg) -------------------------------------------------------------------------
+# -- pivoted QR (svdkit.core.linalg) -------------------------------------------------------------------------
 def rank_deficient(m=10, n=8, r=3) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     return torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
@@ -312,7 +312,7 @@ def test_qrlora_trains_r_layer_scalars_on_a_real_shape():
 def test_qrlora_layers_get_their_own_ranks_in_the_peft_export(tmp_path):
     model = tiny_model("llama")
     svdkit.adapt(model, svdkit.QRLoRA(tau=0.9))
-    ranks = {name: layer.rank for name, layer in svdkit.api.adapted_layers(model)}
+    ranks = {name: layer.rank for name, layer in svdkit.adapters.api.adapted_layers(model)}
     assert len(set(ranks.values())) > 1
     svdkit.export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import svdkit
-from svdkit.linalg import layer_seed
+from svdkit.core.linalg import layer_seed
 
 from rows.svft import banded, reference_svd
 
@@ -246,7 +246,7 @@ def test_bad_options(options, message):
 
 def test_fold_drops_the_weight_and_computes_from_the_factors():
     from conftest import model_output, perturb_adapters, tiny_model
-    from svdkit.api import adapted_layers
+    from svdkit.adapters.api import adapted_layers
 
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     kept, folded = tiny_model("llama"), tiny_model("llama")

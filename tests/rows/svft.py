@@ -10,7 +10,7 @@ import math
 import torch
 
 from rows import Row
-from svdkit.linalg import layer_seed
+from svdkit.core.linalg import layer_seed
 
 
 def reference_svd(W: torch.Tensor, dtype=torch.float64):

@@ -1,0 +1,87 @@
+"""`svdkit finetune`: options → :class:`svdkit.training.finetune.FinetuneConfig` (no logic here)."""
+
+from __future__ import annotations
+
+import sys
+
+from svdkit.cli.options import add_field_options
+
+HELP = "fine-tune a model with a spectral method (defaults: PiSSA on the default model and data)"
+
+# finetune options that map one-to-one onto FinetuneConfig fields (None: keep the config's value): type, help
+_FT_FIELDS = {
+    "model": (str, "'default', a local Hugging Face folder, or a .gguf file"),
+    "data": (str, "a named dataset (default = chatterbot, lee) or a JSONL file"),
+    "method": (str, "method name, see `svdkit methods`"),
+    "rank": (int, "adapter rank"),
+    "steps": (int, "optimizer steps"),
+    "lr": (float, "peak learning rate"),
+    "batch_size": (int, "examples per optimizer step, across all ranks"),
+    "grad_accum": (int, "micro-batches per step"),
+    "max_length": (int, "drop examples longer than this many tokens"),
+    "eval_every": (int, "held-out evaluation every N steps"),
+    "checkpoint_every": (int, "checkpoint every N steps"),
+    "seed": (int, "seed of the split, the batch order and the init"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "warmup": (int, "linear warm-up steps"),
+    "max_grad_norm": (float, "gradient clipping norm"),
+    "heldout_fraction": (float, "fraction of the examples held out"),
+    "max_heldout": (int, "held-out examples evaluated"),
+    "samples": (int, "held-out prompts generated before and after"),
+    "calibration_data": (str, "data-aware methods (corda, eva, lora-one, ...): named dataset or JSONL file to calibrate on"),
+    "calibration_samples": (int, "data-aware methods: calibration examples"),
+    "calibration_file": (str, "data-aware methods: reuse a run's saved calibration.safetensors"),
+}
+# options that go into the method's own config
+_METHOD_FIELDS = {
+    "svd": (str, "exact or randomized SVD"),
+    "niter": (int, "randomized SVD power iterations"),
+    "alpha": (float, "scaling numerator: s = alpha/rank"),
+    "targets": (str, "all-linear, attention, mlp, or a regex of module names"),
+    "dropout": (float, "dropout on the adapter input"),
+}
+
+
+def add_parser(sub) -> None:
+    f = sub.add_parser("finetune", help=HELP)
+    import dataclasses
+
+    from svdkit.training.finetune import FinetuneConfig
+
+    defaults = {fld.name: fld.default for fld in dataclasses.fields(FinetuneConfig)}
+    shown = {"lr": "the method's paper value", "weight_decay": "the method's", "warmup": "3%% of the steps",
+             "calibration_data": "the training data", "calibration_samples": "the method's paper value",
+             "calibration_file": "compute"}  # fmt: skip
+    add_field_options(f, _FT_FIELDS, {**defaults, **shown})
+    add_field_options(f, _METHOD_FIELDS, dict.fromkeys(_METHOD_FIELDS, "the method's"))
+    f.add_argument("--merge", action="store_true", default=None, help="also write the merged model (Hugging Face folder)")
+    f.add_argument("--skip-malformed", action="store_true", default=None, help="skip malformed JSONL lines (counted)")
+    f.add_argument("--config", help="a run's config.json (or YAML) to start from; other options override it")
+    f.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    f.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if there is one, else cpu)")
+
+
+def finetune_config(args):
+    import dataclasses
+
+    from svdkit.training.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
+    changes = {k: getattr(args, k) for k in (*_FT_FIELDS, "merge", "skip_malformed") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in _METHOD_FIELDS if getattr(args, k) is not None}
+    if options:
+        changes["method_options"] = {**cfg.method_options, **options}
+    return dataclasses.replace(cfg, **changes)
+
+
+def run(args) -> int:
+    from svdkit.training.finetune import Interrupted, finetune
+
+    try:
+        finetune(finetune_config(args), args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
+    except Interrupted as exc:
+        print(f"svdkit: {exc}", file=sys.stderr)
+        return 130
+    return 0
