@@ -50,6 +50,7 @@ import torch
 import svdkit
 from common import provenance, log, proc_status_kib, resident_model, reset_hwm, write_report
 from svdkit.training import data
+from svdkit.training.batches import collate
 from svdkit.adapters.api import adapted_layers
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,7 +82,7 @@ def calibration_items(tok, samples: int) -> list[dict]:
 
 
 def make_batches(items: list[dict], batch: int, pad_id: int) -> list[dict]:
-    return [data.collate(items[i : i + batch], pad_id) for i in range(0, len(items), batch)]
+    return [collate(items[i : i + batch], pad_id) for i in range(0, len(items), batch)]
 
 
 def single_sequences(items: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ import torch
 
 import svdkit
 from svdkit.training import data
+from svdkit.training.batches import batch_at, collate, epoch_order, eval_loss, shard
 
 from conftest import tiny_model
 
@@ -204,49 +205,49 @@ def test_split_is_deterministic_and_a_partition():
 def test_batch_at_epochs_are_permutations_and_reproducible():
     items, bs, seed = numbered(10), 3, 7
     ids = lambda b: [x["input_ids"][0] for x in b]  # noqa: E731
-    epochs = [[ids(data.batch_at(items, e * 4 + i, bs, seed)) for i in range(4)] for e in range(3)]
+    epochs = [[ids(batch_at(items, e * 4 + i, bs, seed)) for i in range(4)] for e in range(3)]
     for batches in epochs:
         assert [len(b) for b in batches] == [3, 3, 3, 1]  # ceil(10/3) steps; the last one short
         assert sorted(sum(batches, [])) == list(range(10))  # every item exactly once per epoch
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
     # a pure function of (step, seed): resuming at step 6 sees what an uninterrupted run saw
-    assert ids(data.batch_at(items, 6, bs, seed)) == epochs[1][2]
-    assert ids(data.batch_at(items, 6, bs, seed + 1)) != epochs[1][2] or \
-        ids(data.batch_at(items, 4, bs, seed + 1)) != epochs[1][0]
-    assert ids(data.batch_at(items, 0, 100, seed)) == data.epoch_order(10, 0, seed)
+    assert ids(batch_at(items, 6, bs, seed)) == epochs[1][2]
+    assert ids(batch_at(items, 6, bs, seed + 1)) != epochs[1][2] or \
+        ids(batch_at(items, 4, bs, seed + 1)) != epochs[1][0]
+    assert ids(batch_at(items, 0, 100, seed)) == epoch_order(10, 0, seed)
     with pytest.raises(ValueError):
-        data.batch_at(items, -1, bs, seed)
+        batch_at(items, -1, bs, seed)
 
 
 def test_batch_at_groups_similar_lengths_within_a_window():
     items = [{"input_ids": [i] * (1 + (i * 7) % 11), "labels": [i]} for i in range(20)]
     lengths = lambda b: [len(x["input_ids"]) for x in b]  # noqa: E731
-    order = data.epoch_order(20, 0, 5)
+    order = epoch_order(20, 0, 5)
     for group in (1, 2, 7):
-        batches = [data.batch_at(items, i, 3, 5, group=group) for i in range(7)]  # one epoch: 6 × 3 + 2
+        batches = [batch_at(items, i, 3, 5, group=group) for i in range(7)]  # one epoch: 6 × 3 + 2
         assert sorted(x["labels"][0] for b in batches for x in b) == list(range(20))
         for w in range(0, 7, group):  # window w..w+group-1 holds the same items as the shuffled order, sorted
             got = [x for b in batches[w : w + group] for x in b]
             expected = [items[j] for j in order[w * 3 : (w + group) * 3]]
             assert lengths(got) == sorted(lengths(expected)) if group > 1 else got == expected
-    assert data.batch_at(items, 9, 3, 5, group=7) == data.batch_at(items, 9, 3, 5, group=7)  # pure
+    assert batch_at(items, 9, 3, 5, group=7) == batch_at(items, 9, 3, 5, group=7)  # pure
     with pytest.raises(ValueError, match="group"):
-        data.batch_at(items, 0, 3, 5, group=0)
+        batch_at(items, 0, 3, 5, group=0)
 
 
 @pytest.mark.parametrize("n,world", [(8, 4), (7, 3), (2, 4), (0, 2), (5, 1)])
 def test_shard_covers_the_batch_exactly(n, world):
     batch = list(range(n))
-    shares = [data.shard(batch, r, world) for r in range(world)]
+    shares = [shard(batch, r, world) for r in range(world)]
     assert sum(shares, []) == batch
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     with pytest.raises(ValueError):
-        data.shard(batch, world, world)
+        shard(batch, world, world)
 
 
 def test_collate_pads_on_the_right():
     items = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    b = data.collate(items, pad_id=0)
+    b = collate(items, pad_id=0)
     assert {k: v.shape for k, v in b.items()} == {k: (2, 3) for k in ("input_ids", "attention_mask", "labels")}
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -274,7 +275,7 @@ def test_eval_loss_is_token_weighted_and_restores_training_mode():
     expected = total / count
     model.train()
     for bs in (1, 2, 3, 4):
-        loss, ppl = data.eval_loss(model, items, batch_size=bs, pad_id=0)
+        loss, ppl = eval_loss(model, items, batch_size=bs, pad_id=0)
         assert loss == pytest.approx(expected, rel=1e-5) and ppl == pytest.approx(math.exp(expected), rel=1e-5)
     assert model.training
     assert abs(sum(per_item) / len(per_item) - expected) > 1e-3  # a mean of means would differ

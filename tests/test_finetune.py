@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import svdkit
+from svdkit.core.checkpoint import load_state
 from svdkit.training.finetune import FinetuneConfig, finetune
 
 
@@ -29,7 +30,7 @@ def test_a_run_leaves_everything_behind(tiny_run_inputs, tmp_path):
     summary = finetune(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
     out = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "loss.png", "eval.json", "samples.md", "adapter/svdkit.json",
-                 "peft/adapter_config.json", "merged/config.json", "checkpoint/state.pt"):  # fmt: skip
+                 "peft/adapter_config.json", "merged/config.json", "checkpoint/state.json"):  # fmt: skip
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -65,7 +66,7 @@ def _tensors(path):
 
 def _wait_for_checkpoint(proc, out):
     deadline = time.time() + 120
-    while not (out / "checkpoint" / "state.pt").is_file():
+    while not (out / "checkpoint" / "state.json").is_file():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.01)
@@ -79,7 +80,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_run_inputs, tm
     _wait_for_checkpoint(proc, tmp_path / "killed")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = torch.load(tmp_path / "killed" / "checkpoint" / "state.pt", weights_only=False)["step"]
+    step = load_state(tmp_path / "killed" / "checkpoint")["step"]
     assert step < 40 and not (tmp_path / "killed" / "eval.json").exists()  # really killed mid-way
     subprocess.run(_cli(tiny_run_inputs, tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True)
     full, resumed = _tensors(tmp_path / "full"), _tensors(tmp_path / "killed")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.training import data, loop as train
+from svdkit.training import batches, loop as train
 
 from conftest import VOCAB, tiny_model
 
@@ -50,7 +50,7 @@ def test_train_step_runs_regularizer_and_hooks_once_per_step():
     model = svdkit.adapt(tiny_model("llama"), Probe(rank=2, targets="q_proj"))
     loop = train.make_optimizer(model, lr=1e-2, weight_decay=0.0, total=3, warmup=1)
     for step in range(3):
-        mbs = [data.collate(data.batch_at(_items(), step, 4, 0), 0)]
+        mbs = [batches.collate(batches.batch_at(_items(), step, 4, 0), 0)]
         row = train.train_step(model, model, mbs, loop, max_grad_norm=1e-3, peak_lr=1e-2, total=3)
         assert row["step"] == step + 1 and row["grad_norm"] > 0
     clips = [c for c in CALLS if c[0] == "clip"]
@@ -67,7 +67,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for model, per in zip(models, (8, 2)):
         loop = train.make_optimizer(model, lr=1e-2, weight_decay=0.0, total=1, warmup=1)
-        mbs = [data.collate(batch[i : i + per], 0) for i in range(0, 8, per)]
+        mbs = [batches.collate(batch[i : i + per], 0) for i in range(0, 8, per)]
         results.append(train.train_step(model, model, mbs, loop, max_grad_norm=10.0, peak_lr=1e-2, total=1))
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-4)
@@ -123,7 +123,7 @@ def test_train_step_output_regularizer_sees_each_micro_batch(monkeypatch):
     model = svdkit.adapt(tiny_model("llama"), svdkit.BALoRA(rank=2, targets="q_proj"))
     loop = train.make_optimizer(model, lr=1e-2, weight_decay=0.0, total=1, warmup=1)
     batch = _items(8)
-    mbs = [data.collate(batch[i : i + 2], 0) for i in range(0, 8, 2)]
+    mbs = [batches.collate(batch[i : i + 2], 0) for i in range(0, 8, 2)]
     train.train_step(model, model, mbs, loop, max_grad_norm=10.0, peak_lr=1e-2, total=1)
     assert seen == [int((mb["labels"][:, 1:] != -100).sum()) for mb in mbs]
 
@@ -136,7 +136,7 @@ def test_soma_anneals_weight_decay_by_cosine_in_the_loop():
     seen = []
     loop.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["weight_decay"]))
     for step in range(4):
-        mbs = [data.collate(data.batch_at(_items(), step, 4, 0), 0)]
+        mbs = [batches.collate(batches.batch_at(_items(), step, 4, 0), 0)]
         train.train_step(model, model, mbs, loop, max_grad_norm=1.0, peak_lr=1e-2, total=4)
     expected = [1e-5 + (0.05 - 1e-5) * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(4)]
     assert seen == pytest.approx(expected, rel=1e-12) and seen[0] == pytest.approx(0.05)

@@ -71,12 +71,12 @@ def test_trainable_parameters_are_r0_times_m_plus_n_plus_1():
 
 
 # -- the regularizer -------------------------------------------------------------------------------------
-def test_regularizer_is_gamma_times_the_mean_over_matrices():
+def test_regularizer_is_gamma_times_the_mean_over_factor_matrices():
     cfg = svdkit.AdaLoRA(rank=3, target_r=1, orth_reg_weight=0.3)
     model = svdkit.adapt(linear_model((12, 9), (9, 12), (7, 9)), cfg)
     perturb_adapters(model, scale=0.3)
     terms = [orth_term(layer.lora_B.detach(), layer.lora_A.detach()) for layer in model]
-    expected = 0.3 * sum(terms) / 3
+    expected = 0.3 * sum(terms) / (2 * 3)  # PEFT: Σ of 2L factor norms / 2L
     torch.testing.assert_close(svdkit.regularization(model), expected)
     svdkit.regularization(model).backward()  # it is a differentiable loss term
     assert all(layer.lora_A.grad is not None and layer.lora_B.grad is not None for layer in model)
@@ -103,8 +103,8 @@ def _copy_into_peft(ours, theirs):
             t.ranknum["default"].fill_(layer.rank - 1e-5)
 
 
-def test_regularizer_is_twice_peft_s_mean_over_factor_matrices(ids):
-    """PEFT divides by the number of factor matrices (2 per layer); here the mean is over weight matrices."""
+def test_regularizer_equals_peft_s_mean_over_factor_matrices(ids):
+    """PEFT divides by the number of factor matrices (2 per layer), and so does svdkit (issue 12)."""
     base = tiny_model("llama")
     ours = svdkit.adapt(copy.deepcopy(base), svdkit.AdaLoRA(rank=4, target_r=2, orth_reg_weight=0.5))
     perturb_adapters(ours, scale=0.2)
@@ -114,7 +114,7 @@ def test_regularizer_is_twice_peft_s_mean_over_factor_matrices(ids):
         plain = ours(input_ids=ids, labels=ids).loss
         peft_reg = theirs.base_model(input_ids=ids, labels=ids).loss - plain  # AdaLoraModel.forward adds it
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(svdkit.regularization(ours), 2 * peft_reg, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(svdkit.regularization(ours), peft_reg, atol=1e-5, rtol=1e-5)
 
 
 # -- the budget schedule and pruning ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 
 import svdkit
 from svdkit.adapters import api
-from svdkit.training import data, loop as train
+from svdkit.training import batches, loop as train
 from svdkit.adapters.api import adapted_layers
 
 from conftest import VOCAB, model_output, perturb_adapters, tiny_model
@@ -130,7 +130,8 @@ def test_init_parameters_and_flags_are_pissa():
     assert sum(t.numel() for t in a.parameters() if t.requires_grad) == 8 * (576 + 1536)  # r(m + n)
     for (n1, t1), (n2, t2) in zip(a.state_dict().items(), p.state_dict().items()):
         assert n1 == n2 and torch.equal(t1, t2), n1
-    assert svdkit.config("ba_lora") == svdkit.BALoRA() and isinstance(cfg, svdkit.PiSSA)
+    assert svdkit.config("ba_lora") == svdkit.BALoRA() and not isinstance(cfg, svdkit.PiSSA)  # shares a function
+    assert (cfg.lr, cfg.basis, cfg.params) == (svdkit.PiSSA.lr, svdkit.PiSSA.basis, svdkit.PiSSA.params)
     assert cfg.uses_outputs and cfg.needs_base_outputs
     assert not svdkit.BALoRA(lambda_consistency=0).needs_base_outputs
     assert not svdkit.BALoRA(**ONLY).uses_outputs and not svdkit.PiSSA().uses_outputs
@@ -210,9 +211,9 @@ def _batch(seed=0, b=3, t=10):
 
 def test_regularizers_see_the_logits_the_task_loss_scores():
     model, batch = tiny_model("llama"), _batch()
-    logits, targets = data.labelled_logits(model, batch)
+    logits, targets = batches.labelled_logits(model, batch)
     full = model(input_ids=batch["input_ids"]).logits
-    assert torch.allclose(logits, data.select_labelled(full, batch["labels"]), atol=1e-6)
+    assert torch.allclose(logits, batches.select_labelled(full, batch["labels"]), atol=1e-6)
     assert logits.shape == (int((batch["labels"][:, 1:] != -100).sum()), VOCAB)
     assert torch.equal(targets, batch["labels"][:, 1:][batch["labels"][:, 1:] != -100])
 
@@ -220,12 +221,12 @@ def test_regularizers_see_the_logits_the_task_loss_scores():
 def test_gradients_reach_only_the_adapters():
     model = svdkit.adapt(tiny_model("llama"), svdkit.BALoRA(rank=4)).train()
     batch = _batch()
-    logits, _ = data.labelled_logits(model, batch)
+    logits, _ = batches.labelled_logits(model, batch)
     at_init = svdkit.output_regularization(model, batch, logits)
     kl_only = svdkit.BALoRA(rank=4, **{**ONLY, "lambda_consistency": 1.0})
     assert float(kl_only.output_regularizer(logits.detach(), api.base_outputs(model, batch))) == pytest.approx(0, abs=1e-6)
     perturb_adapters(model, scale=0.2)
-    logits, _ = data.labelled_logits(model, batch)
+    logits, _ = batches.labelled_logits(model, batch)
     base = api.base_outputs(model, batch)
     assert not base.requires_grad and model.training  # modes restored
     reg = svdkit.output_regularization(model, batch, logits)
@@ -244,7 +245,7 @@ def test_no_output_regularizer_means_no_extra_forward(monkeypatch):
     monkeypatch.setattr(api, "base_outputs", lambda *a, **k: calls.append(1))
     for cfg in (svdkit.PiSSA(rank=2), svdkit.BALoRA(rank=2, lambda_consistency=0)):
         model = svdkit.adapt(tiny_model("llama"), cfg)
-        logits, _ = data.labelled_logits(model, _batch())
+        logits, _ = batches.labelled_logits(model, _batch())
         svdkit.output_regularization(model, _batch(), logits)
     assert calls == []
     assert float(svdkit.output_regularization(
@@ -266,8 +267,8 @@ def _train(cfg, steps=4, per=4, monkeypatch=None):
     loop = train.make_optimizer(model, lr=5e-3, weight_decay=0.0, total=steps, warmup=1)
     losses = []
     for step in range(steps):
-        items = data.batch_at(_items(), step, 8, 0)
-        mbs = [data.collate(items[i : i + per], 0) for i in range(0, 8, per)]
+        items = batches.batch_at(_items(), step, 8, 0)
+        mbs = [batches.collate(items[i : i + per], 0) for i in range(0, 8, per)]
         losses.append(train.train_step(model, model, mbs, loop, max_grad_norm=1.0, peak_lr=5e-3, total=steps)["loss"])
     return model, losses
 

@@ -15,7 +15,8 @@ from torch import nn
 import svdkit
 from svdkit.adapters.api import adapted_layers
 from svdkit.adapters.layers import SpectralLinear
-from svdkit.adapters.zoo.soka import elbow_rank, energy_rank, kronecker_rank
+from svdkit.adapters.zoo.soka import kronecker_rank
+from svdkit.core.linalg_rank import elbow_rank, energy_rank
 
 from conftest import VOCAB, model_output, perturb_adapters, tiny_model
 
@@ -82,7 +83,7 @@ SMOL = {  # SmolLM2-135M's shapes: hidden 576, 9 heads of 64, 3 kv heads, interm
 
 def test_clover_parameter_count_on_smollm2_shapes():
     model = linear_model({name.replace(".", "_"): shape for name, shape in SMOL.items()}, dtype=torch.float32)
-    svdkit.adapt(model, svdkit.CLOVER())  # default targets q_proj, v_proj, up_proj; head_dim 64
+    svdkit.adapt(model, svdkit.CLOVER(head_dim=64))  # default targets q_proj, v_proj, up_proj; SmolLM2's head size
     counts = trainable_count(model)
     # METHODS.md §15(c): n_h·d_h² (q) + n_kv·d_h² (v) + d_ff·d_h/2 (up)
     assert counts == {"model_layers_0_self_attn_q_proj": 9 * 64**2, "model_layers_0_self_attn_v_proj": 3 * 64**2,
@@ -280,7 +281,7 @@ def kron_terms(sigma, U, V) -> torch.Tensor:
 
 
 def test_soka_rearrangement_identity_with_all_terms():
-    from svdkit.adapters.zoo.soka import kpsvd
+    from svdkit.core.linalg_structured import kpsvd
 
     W = torch.randn(12, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     S, U, V = kpsvd(W, 3, 3, torch.float64)  # m1 = n1 = 3, m2 = 4, n2 = 3

@@ -90,7 +90,7 @@ def test_slora_draws_are_per_layer_and_seeded():
 @pytest.mark.parametrize("method", ["nlora", "inttune"])
 @pytest.mark.parametrize("core", ["pinv", "slice"])
 def test_nystrom_init_is_the_first_rows_and_columns(method, core):
-    cfg = svdkit.config(method, rank=R, alpha=6.0, nystrom_core=core, **f64())
+    cfg = svdkit.config(method, rank=R, alpha=6.0, nystrom_core=core, preserve_init=False, **f64())
     model, layer, W = adapted(cfg)
     N0 = pinv_by_svd(W[:R, :R]) if core == "pinv" else W[:R, :R]
     torch.testing.assert_close(layer.lora_A, W[:R, :])
@@ -105,7 +105,7 @@ def test_nystrom_init_is_the_first_rows_and_columns(method, core):
 def test_nlora_pinv_core_makes_b_n_a_the_nystrom_approximation():
     """With N = W[:r, :r]⁺ (the paper), B N A = W[:, :r] W[:r, :r]⁺ W[:r, :] reproduces W's first r rows and
     columns exactly and equals W itself when rank(W) = r."""
-    _, layer, W = adapted(svdkit.NLoRA(rank=R, **f64()))
+    _, layer, W = adapted(svdkit.NLoRA(rank=R, nystrom_core="pinv", preserve_init=False, **f64()))
     BNA = layer.delta_weight().detach()  # s = 1
     torch.testing.assert_close(BNA[:R, :], W[:R, :])
     torch.testing.assert_close(BNA[:, :R], W[:, :R])
@@ -114,7 +114,7 @@ def test_nlora_pinv_core_makes_b_n_a_the_nystrom_approximation():
     model = OneLinear()
     with torch.no_grad():
         model.proj.weight.copy_(low)
-    svdkit.adapt(model, svdkit.NLoRA(rank=R, **f64()))
+    svdkit.adapt(model, svdkit.NLoRA(rank=R, nystrom_core="pinv", preserve_init=False, **f64()))
     torch.testing.assert_close(model.proj.delta_weight().detach(), low)
 
 
@@ -132,7 +132,7 @@ def test_nlora_trains_a_n_b_and_inttune_only_n():
 
 
 def test_nlora_compute_dtype_float32_matches_the_float64_formula():
-    cfg = svdkit.NLoRA(rank=R, targets="proj")
+    cfg = svdkit.NLoRA(rank=R, targets="proj", nystrom_core="pinv", preserve_init=False)
     model, layer, W = adapted(cfg, dtype=torch.float32)
     W64 = W.double()
     expected = W64[:, :R] @ pinv_by_svd(W64[:R, :R]) @ W64[:R, :]
@@ -178,7 +178,7 @@ def test_multilora_reload_keeps_the_block_size():
 @pytest.mark.parametrize("method,options,expected", [
     ("slora", {}, 16 * (1536 + 576) + 16**2),
     ("nlora", {}, 16 * (1536 + 576) + 16**2),
-    ("nlora", {"nystrom_core": "slice"}, 16 * (1536 + 576) + 16**2),
+    ("nlora", {"nystrom_core": "pinv"}, 16 * (1536 + 576) + 16**2),
     ("inttune", {}, 16**2),
     ("multilora", {}, 3 * 16 * (1536 + 576) + 3),
     ("multilora", {"n_loras": 5, "rank": 8}, 5 * 8 * (1536 + 576) + 5),
@@ -192,8 +192,8 @@ def test_trainable_parameters_follow_methods_md(method, options, expected):
 # -- export ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,options,rank", [
     ("slora", {}, R),
-    ("nlora", {}, R),
-    ("inttune", {"nystrom_core": "slice"}, R),
+    ("nlora", {"preserve_init": False}, R),
+    ("inttune", {"nystrom_core": "pinv", "preserve_init": False}, R),
     ("multilora", {"n_loras": 3}, 3 * R),
     ("multilora", {"n_loras": 2, "use_rslora": True, "alpha": 5.0}, 2 * R),
 ])  # fmt: skip
@@ -228,7 +228,7 @@ def test_bad_n_loras_is_refused(bad):
 
 
 @pytest.mark.parametrize("method,options", [
-    ("nlora", {"nystrom_core": "slice"}), ("inttune", {"nystrom_core": "slice"}), ("multilora", {"n_loras": 5}),
+    ("nlora", {"nystrom_core": "pinv"}), ("inttune", {"nystrom_core": "pinv"}), ("multilora", {"n_loras": 5}),
 ])  # fmt: skip
 def test_method_options_survive_json(method, options):
     cfg = svdkit.config(method, rank=4, **options)
@@ -236,7 +236,7 @@ def test_method_options_survive_json(method, options):
 
 
 def test_defaults():
-    assert svdkit.NLoRA().nystrom_core == "pinv" and svdkit.IntTune().nystrom_core == "pinv"
+    assert svdkit.NLoRA().nystrom_core == "slice" and svdkit.IntTune().nystrom_core == "slice"  # METHODS §17
     assert svdkit.MultiLoRA().n_loras == 3
     for cls in (svdkit.SLoRA, svdkit.NLoRA, svdkit.IntTune):
         assert cls.lr == 2e-4 and cls.weight_decay == 0.0 and cls().rank == 16 and cls().scaling == 1.0

@@ -97,9 +97,10 @@ def test_sorsa_parameter_count_on_a_real_shape():
 
 
 def sorsa_reference_grads(layers, gamma: float, peak_lr: float) -> dict:
-    """(γ/η_max)·∇L_o with L_o = (1/L) Σ ‖UᵀU − I‖_F + ‖AAᵀ − I‖_F, by the closed form
+    """(γ/η_max)·∇L_o with L_o = (1/2L) Σ ‖UᵀU − I‖_F + ‖AAᵀ − I‖_F (the official code: the mean over the
+    2L factor matrices), by the closed form
     ∇_X ‖XᵀX − I‖_F = 2X(XᵀX − I)/‖XᵀX − I‖_F (columns) and ∇_A ‖AAᵀ − I‖_F = 2(AAᵀ − I)A/‖·‖ (rows)."""
-    out, scale = {}, gamma / peak_lr / len(layers)
+    out, scale = {}, gamma / peak_lr / (2 * len(layers))
     for name, layer in layers.items():
         B, A = layer.lora_B.detach().double(), layer.lora_A.detach().double()
         EB = B.T @ B - torch.eye(B.shape[1], dtype=B.dtype)
@@ -315,19 +316,19 @@ def test_kasa_rejects_bad_options(options, match):
 # -- SoMA ----------------------------------------------------------------------------------------
 def test_soma_is_milora_math_with_somas_defaults():
     cfg = svdkit.SoMA()
-    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr, cfg.weight_decay) == (16, 16, 0.0, 1e-4, 0.05)
-    assert svdkit.SoMA(rank=4).scaling == 4.0  # α stays 16 when the rank changes
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.lr, cfg.weight_decay) == (16, None, 0.0, 1e-4, 0.05)
+    assert svdkit.SoMA(rank=4).scaling == 1.0  # α = r: s = 1 at every rank (not α fixed at 16)
     model = linear_model((9, 12))
     W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     svdkit.adapt(model, svdkit.SoMA(rank=4))
     layer = model[0]
     U, S, Vh = svd64(W)
     BA = layer.lora_B.detach().double() @ layer.lora_A.detach().double()
-    assert close(4.0 * BA, (U[:, -4:] * S[-4:]) @ Vh[-4:])  # s·B A = the bottom-4 part of W
-    assert close(layer.lora_B.detach().double().norm(dim=0), (S[-4:] / 4.0).sqrt())  # B = U √(Σ/s)
+    assert close(BA, (U[:, -4:] * S[-4:]) @ Vh[-4:])  # s·B A = the bottom-4 part of W (s = 1)
+    assert close(layer.lora_B.detach().double().norm(dim=0), S[-4:].sqrt())  # B = U √(Σ/s)
     assert output_is(layer, W, b) and trainable(model) == 4 * (9 + 12)
     milora = linear_model((9, 12))
-    svdkit.adapt(milora, svdkit.MiLoRA(rank=4, alpha=16, dropout=0.0))
+    svdkit.adapt(milora, svdkit.MiLoRA(rank=4, dropout=0.0))
     assert torch.equal(milora[0].lora_A, layer.lora_A) and torch.equal(milora[0].lora_B, layer.lora_B)
 
 

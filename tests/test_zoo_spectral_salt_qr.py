@@ -1,5 +1,5 @@
 """Spectral Adapter A/R, SALT and QR-LoRA against their papers' equations written out here (METHODS.md
-§13, §8, §14), plus svdkit.core.linalg.pivoted_qr against the definition of a column-pivoted QR."""
+§13, §8, §14), plus svdkit.core.linalg_qr.pivoted_qr against the definition of a column-pivoted QR."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 import svdkit
 from svdkit.adapters.api import build_layer
 from svdkit.adapters.export import lora_factors
-from svdkit.core.linalg import pivoted_qr
+from svdkit.core.linalg_qr import pivoted_qr
 
 from conftest import tiny_model
 from rows.spectral_salt_qr import reference_pivoted_gs, reference_qr_rank
@@ -226,7 +226,7 @@ def test_salt_tail_rank_must_fit():
         cfg.initialize(random_weight()[None], ["layer"])
 
 
-# -- pivoted QR (svdkit.core.linalg) -------------------------------------------------------------------------
+# -- pivoted QR (svdkit.core.linalg_qr) ----------------------------------------------------------------------
 def rank_deficient(m=10, n=8, r=3) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     return torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)

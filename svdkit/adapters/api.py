@@ -15,9 +15,10 @@ from torch import nn
 from svdkit.adapters.config import AdapterConfig
 from svdkit.core.distributed import broadcast_init, rank_and_world
 from svdkit.core.fingerprint import tensor_fingerprint
-from svdkit.adapters.layers import SpectralLinear, apply_core, weight_matrix
+from svdkit.adapters.layers import SpectralLinear, output_side, weight_matrix
 from svdkit.core.linalg import check_matrix
 from svdkit.core.targets import linear_modules, select_targets
+from svdkit.core.registry import Refused
 
 # Same-shaped weights are decomposed in one batched call on accelerators (fewer kernel launches), up to
 # ~128 MB of fp32. On the CPU LAPACK works matrix by matrix anyway, so layers go one at a time (no copy).
@@ -63,7 +64,7 @@ def _plan_item(name: str, module: nn.Module, cfg: AdapterConfig) -> tuple[str, n
         check_matrix(W, name)  # raises, naming the module
     m, n = W.shape
     if mcfg.uses_rank and mcfg.rank >= min(m, n):
-        raise ValueError(
+        raise Refused(
             f"rank {mcfg.rank} is too large for {name} (weight {m}×{n}): it must be < min(out, in) = "
             f"{min(m, n)}. Lower the rank, exclude the module, or set overrides={{{name.rsplit('.', 1)[-1]!r}: "
             f"{{'rank': {min(m, n) // 2}}}}}."
@@ -151,6 +152,7 @@ def adapt(
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"expected a method config such as svdkit.PiSSA(rank=16), got {type(cfg).__name__}.")
     _check_not_adapted(model)
+    cfg = cfg.for_model(getattr(model, "config", None))  # architecture-dependent options (CLOVER's head size)
     cfg = _with_calibration(model, cfg, calibration)
     plan = _plan(model, cfg)
     chunks = _chunks(model, cfg, plan)
@@ -206,9 +208,9 @@ def build_layer(module: nn.Module, mcfg: AdapterConfig, init, i: int) -> Spectra
     if init.subtract:  # frozen copies of the initial update's factors: B₀ = B·C(init), A₀ = A
         with torch.no_grad():
             A0 = t["A"]
-            B0 = apply_core(t["B"], core() if core is not None else None)
+            B0 = output_side(t["B"], core() if core is not None else None)
     return SpectralLinear(
-        module, t["A"], t["B"], A0=A0, B0=B0, core=core, bias=init.bias, weightless=init.weightless,
+        module, t["A"], t["B"], mode=init.mode, A0=A0, B0=B0, core=core, bias=init.bias,
         scaling=mcfg.scaling, trainable=init.trainable, fold=mcfg.fold, dropout=mcfg.dropout,
         fingerprint=tensor_fingerprint(weight_matrix(module)),
     )  # fmt: skip
@@ -224,6 +226,7 @@ def install(model: nn.Module, cfg: AdapterConfig, layers: dict[str, SpectralLine
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, layer in layers.items():
         layer.fold_base()
+        layer.train(model.get_submodule(name).training)  # the mode of the module it replaces (eval: no dropout)
         _replace(model, name, layer)
     for name, param in model.named_parameters():
         param.requires_grad_(False)
@@ -236,7 +239,7 @@ def install(model: nn.Module, cfg: AdapterConfig, layers: dict[str, SpectralLine
 def _leave(model: nn.Module, how: str) -> nn.Module:
     st = state(model)
     for name, layer in list(adapted_layers(model)):
-        _replace(model, name, layer.merged() if how == "merge" else layer.restored())
+        _replace(model, name, (layer.merged() if how == "merge" else layer.restored()).train(layer.training))
     for name, param in model.named_parameters():
         param.requires_grad_(st.requires_grad.get(name, param.requires_grad))
     del model._svdkit
@@ -277,6 +280,34 @@ def after_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Run the methods' training-time schedules (after each optimizer step)."""
     for mcfg, layers in _layers_by_config(model):
         mcfg.after_step(layers, step, total_steps)
+
+
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The methods' training-time state of every adapted layer (AdaLoRA's sensitivity EMAs and masks,
+    VectorFit's frozen vectors), as ``{"<module>.<key>": tensor}`` on the CPU: what a checkpoint saves
+    besides the adapter and the optimizer so that a resumed run continues exactly. Empty for stateless methods."""
+    state(model)
+    return {f"{name}.{key}": value.detach().cpu() for name, layer in adapted_layers(model)
+            for key, value in layer.method_state.tensors().items()}  # fmt: skip
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`training_state` returned (onto the layers' devices); every layer's previous state
+    is replaced. Keys naming no adapted layer are an error (a checkpoint of another model or method)."""
+    state(model)
+    layers = dict(adapted_layers(model))
+    mine: dict[str, dict] = {name: {} for name in layers}
+    for full, value in tensors.items():
+        name, _, key = full.rpartition(".")
+        if name not in mine or not key:
+            raise ValueError(f"training state entry {full!r} names no adapted layer of this model; the checkpoint "
+                             "belongs to another model or method.")  # fmt: skip
+        mine[name][key] = value
+    for name, layer in layers.items():
+        layer.method_state.clear()
+        device = next(t.device for t in (*layer.parameters(), *layer.buffers()))
+        for key, value in mine[name].items():
+            layer.method_state.set(key, value.to(device))
 
 
 def regularization(model: nn.Module) -> torch.Tensor:
@@ -324,9 +355,9 @@ def uses_outputs(model: nn.Module) -> bool:
 def base_outputs(model: nn.Module, batch: dict, forward=None) -> torch.Tensor:
     """``forward(model, batch)`` of the original model: adapters disabled, no grad, eval mode (no dropout;
     every module's mode is restored afterwards). ``forward`` defaults to the logits at the labelled positions
-    (:func:`svdkit.training.data.labelled_logits`), the outputs svdkit's training loop scores."""
+    (:func:`svdkit.training.batches.labelled_logits`), the outputs svdkit's training loop scores."""
     if forward is None:
-        from svdkit.training.data import labelled_logits
+        from svdkit.training.batches import labelled_logits
 
         forward = lambda m, b: labelled_logits(m, b)[0]  # noqa: E731
     modes = [(module, module.training) for module in model.modules()]
@@ -344,7 +375,7 @@ def output_regularization(model: nn.Module, batch: dict, outputs: torch.Tensor, 
     (a zero tensor, at no cost, for methods without one).
 
     ``outputs`` must be what ``forward(model, batch)`` returns (default: the logits at the labelled positions,
-    ``svdkit.training.data.labelled_logits(model, batch)[0]``); where the method needs the frozen original model's
+    ``svdkit.training.batches.labelled_logits(model, batch)[0]``); where the method needs the frozen original model's
     outputs they are computed with :func:`base_outputs` (one extra forward without grad).
     """
     cfg = state(model).config

@@ -30,7 +30,8 @@ class AdapterConfig:
     """Options every method shares.
 
     rank:        adapter rank r (per module: must be < min(out, in)).
-    alpha:       scaling numerator; ``None`` means alpha = rank. s = alpha/r, or alpha/√r with ``use_rslora``.
+    alpha:       scaling numerator; ``None`` means alpha = rank. s = alpha/r, or alpha/√r with ``use_rslora``
+                 (methods that ignore ``rank``: s = alpha, None meaning 1; ``use_rslora`` is refused there).
     targets:     a preset (``"all-linear"``, ``"attention"``, ``"mlp"``) or regex(es) searched in module names.
     exclude:     regex of module names to leave alone.
     svd:         ``"exact"`` (LAPACK) or ``"randomized"`` (seeded, oversampled, power iterations).
@@ -80,16 +81,29 @@ class AdapterConfig:
         cls = type(self).__name__
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+        if not _is_int(self.rank) or self.rank <= 0:
             raise ValueError(f"{cls}: rank must be a positive integer, got {self.rank!r}.")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ValueError(f"{cls}: alpha must be a positive number or None (= rank), got {self.alpha!r}.")
+        if self.alpha is not None and not (_is_real(self.alpha) and self.alpha > 0):
+            raise ValueError(f"{cls}: alpha must be a positive finite number or None (= rank), got {self.alpha!r}.")
+        if self.use_rslora and not self.uses_rank:
+            raise ValueError(f"{cls} ignores rank, so use_rslora (s = alpha/√rank) does not apply; set alpha for s.")
         if self.svd not in ("exact", "randomized"):
             raise ValueError(f"{cls}: svd must be 'exact' or 'randomized', got {self.svd!r}.")
-        if self.niter < 0 or self.oversample < 0:
-            raise ValueError(f"{cls}: niter and oversample must be >= 0, got {self.niter}, {self.oversample}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{cls}: dropout must be in [0, 1), got {self.dropout!r}.")
+        for name in ("niter", "oversample", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or (value < 0 and name != "seed"):
+                raise ValueError(f"{cls}: {name} must be an integer{'' if name == 'seed' else ' >= 0'}, got {value!r}.")
+        if not (_is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"{cls}: dropout must be a number in [0, 1), got {self.dropout!r}.")
+        for name in ("use_rslora", "fold"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{cls}: {name} must be True or False, got {getattr(self, name)!r}.")
+        if not (isinstance(self.targets, str) or (self.targets and all(isinstance(t, str) for t in self.targets))):
+            raise ValueError(f"{cls}: targets must be a preset name, a regex or a list of them, got {self.targets!r}.")
+        if self.exclude is not None and not isinstance(self.exclude, str):
+            raise ValueError(f"{cls}: exclude must be a regex string or None, got {self.exclude!r}.")
+        if not isinstance(self.overrides, dict) or not all(isinstance(v, dict) for v in self.overrides.values()):
+            raise ValueError(f"{cls}: overrides must be {{regex: {{field: value}}}}, got {self.overrides!r}.")
         if self.compute_dtype not in _DTYPES:
             raise ValueError(f"{cls}: compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}.")
         for pattern in _as_tuple(self.targets) + ((self.exclude,) if self.exclude else ()):
@@ -102,11 +116,20 @@ class AdapterConfig:
                     f"{cls}: override {pattern!r} sets {sorted(bad)}, which cannot vary per module; "
                     f"overridable fields: {sorted(_OVERRIDABLE)}."
                 )
+            try:  # the overridden values pass the same checks (this class's __post_init__)
+                dataclasses.replace(self, **values, overrides={})
+            except ValueError as exc:
+                raise ValueError(f"override {pattern!r}: {exc}") from None
 
     # -- derived values ---------------------------------------------------------------------------
     @property
     def scaling(self) -> float:
-        """s = alpha / r, or alpha / √r with rsLoRA (https://arxiv.org/abs/2312.03732)."""
+        """s = alpha / r, or alpha / √r with rsLoRA (https://arxiv.org/abs/2312.03732).
+
+        Methods that ignore ``rank`` (``uses_rank = False``) never let it into s: s = alpha (None: 1).
+        """
+        if not self.uses_rank:
+            return 1.0 if self.alpha is None else float(self.alpha)
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
@@ -140,6 +163,12 @@ class AdapterConfig:
     def initialize_group(self, weights: Sequence[torch.Tensor], names: Sequence[str], calibration=None) -> list["Init"]:
         """One Init (b = 1) per module of a group returned by :meth:`groups`."""
         raise NotImplementedError(f"{type(self).__name__} returns groups but does not define initialize_group().")
+
+    def for_model(self, model_config) -> "AdapterConfig":
+        """This config completed from the model's own configuration (a Hugging Face ``PretrainedConfig``, or None
+        for a model without one): a method whose options depend on the architecture (CLOVER's head size) fills
+        them in or checks them here. ``svdkit.adapt`` calls it first; its result is saved. Default: this config."""
+        return self
 
     def statistic(self):
         """What a data-aware method measures with ``svdkit.calibrate`` (a :class:`svdkit.core.calibration.Statistic`)."""
@@ -190,6 +219,14 @@ class AdapterConfig:
     # -- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_tuple(targets: str | Sequence[str]) -> tuple[str, ...]:

@@ -1,34 +1,72 @@
 """The adapted-layer type shared by every method.
 
-    y = x W₀ᵀ + b + s·B C A·drop(x) − s·B₀ A₀·x          (default, base weight untouched)
-    y = x W_resᵀ + b + s·B C A·drop(x),  W_res = W₀ − s·B₀A₀   (``fold=True``)
-
 A (r × in) is the input-side factor and B (out × r) the output side, as PEFT's ``lora_A``/``lora_B``;
-either may be absent (the identity). C is an optional trainable *core* between them (a module that
-returns a vector, read as a diagonal, or a matrix): singular values (SVFit), a sparse matrix (SVFT), a
-Cayley rotation (Spectral Adapter R), an r×r mixing matrix (NLoRA), … Methods differ in how A, C, B are
-initialized and which of them train. The frozen B₀, A₀ exist only for methods whose initial update is
-non-zero (PiSSA, SORSA, …: B₀ = B·C at init, A₀ = A) or that remove part of the weight by design (KaSA's
-truncated tail), so the adapted model computes its function without the original weight ever being
-written.
+either may be absent (the identity). C is an optional trainable *core* between them (see cores.py: a
+diagonal, a dense matrix, per-head blocks or a sparse matrix): singular values (SVFit), a sparse matrix
+(SVFT), a Cayley rotation (Spectral Adapter R), an r×r mixing matrix (NLoRA), per-head cores (CLOVER), …
+Methods differ in how A, C, B are initialized and which of them train. A layer computes one of five
+forms, its :class:`Mode`, fixed by the method's :class:`Init` and the config's ``fold``:
 
-``weightless`` layers compute y = s·B C A x + b from the factors alone: W stays, frozen and unused, so that
-``unadapt`` restores it bit-exactly; with ``fold=True`` W is dropped only where the core's ``base()`` lets
-s·B·base()·A restore it (SVFT). CLOVER's V·O pair is weightless: v_proj and o_proj are each replaced by
-factors that reproduce the original function only jointly.
+    ADD           y = x Wᵀ + b + s·B C A·drop(x)                       the update is zero at init (LoRA)
+    SUBTRACT      y = x Wᵀ + b + s·B C A·drop(x) − s·B₀A₀·x            W untouched (PiSSA, KaSA's tail)
+    RESIDUAL      y = x W_resᵀ + b + s·B C A·drop(x), W_res = W − s·B₀A₀  SUBTRACT with ``fold=True``
+    FACTORS       y = b + s·B C A·drop(x)                              W kept, frozen and unused (SVFT, CLOVER V·O)
+    FACTORS_ONLY  FACTORS with W dropped: s·B·core.base()·A stands for it   FACTORS with ``fold=True`` (SVFT)
+
+The frozen B₀, A₀ exist only in SUBTRACT/RESIDUAL: B₀ = B·C at init, A₀ = A for methods whose initial
+update is non-zero, or a part of the weight removed by design (KaSA), so the adapted model computes its
+function without the original weight ever being written. FACTORS keeps W so that ``unadapt`` restores it
+bit-exactly; it is dropped (FACTORS_ONLY) only where the core's ``base()`` lets s·B·base()·A rebuild it.
+
+A layer also carries its method's training-time state (AdaLoRA's EMAs and masks, VectorFit's frozen
+vectors) in ``method_state``: non-persistent buffers, so adapter files hold the adapter only while
+``svdkit.training_state(model)`` gives checkpoints everything a resumed run needs.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from svdkit.adapters.cores import apply_core, dense_core
+from svdkit.adapters.fused import AdaptedLinearFn, base_output
 from svdkit.core.targets import is_conv1d
 
 FACTORS = ("A", "B")
+
+
+class Mode(enum.Enum):
+    """How an adapted layer computes its output (see the module docstring)."""
+
+    ADD = "add"
+    SUBTRACT = "subtract"
+    RESIDUAL = "residual"
+    FACTORS = "factors"
+    FACTORS_ONLY = "factors-only"
+
+    @classmethod
+    def of(cls, weightless: bool, subtract: bool) -> "Mode":
+        """The unfolded mode of an Init (or a saved adapter): FACTORS, SUBTRACT (frozen B₀A₀) or ADD."""
+        return cls.FACTORS if weightless else cls.SUBTRACT if subtract else cls.ADD
+
+    @property
+    def uses_weight(self) -> bool:
+        """Whether the forward multiplies by W (or W_res)."""
+        return self in (Mode.ADD, Mode.SUBTRACT, Mode.RESIDUAL)
+
+    @property
+    def folded(self) -> bool:
+        return self in (Mode.RESIDUAL, Mode.FACTORS_ONLY)
+
+    def fold(self, restorable: bool) -> "Mode":
+        """The mode ``fold=True`` turns this one into (itself where there is nothing to fold)."""
+        if self is Mode.SUBTRACT:
+            return Mode.RESIDUAL
+        return Mode.FACTORS_ONLY if self is Mode.FACTORS and restorable else self
 
 
 @dataclass
@@ -43,7 +81,12 @@ class Init:
     A0: Tensor | None = None  # explicit frozen s·B₀A₀ to subtract (e.g. KaSA's discarded tail); subtract=False
     B0: Tensor | None = None
     bias: bool = False  # train an additive output bias Δb where the base layer has a bias (VectorFit)
-    weightless: bool = False  # the forward is s·B C A x + b alone (W kept for unadapt; fold drops it if core.base())
+    weightless: bool = False  # Mode.FACTORS: the forward is s·B C A x + b alone (W kept for unadapt)
+
+    @property
+    def mode(self) -> Mode:
+        """The layers' mode before ``fold``."""
+        return Mode.of(self.weightless, self.subtract or self.A0 is not None)
 
     def layer(self, i: int) -> dict:
         """Layer i's slice of every tensor."""
@@ -62,20 +105,49 @@ def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def apply_core(B: Tensor | None, c: Tensor | None) -> Tensor | None:
-    """B·C for a core value c: a vector (diagonal C) or a matrix; B = None is the identity."""
+def output_side(B: Tensor | None, c) -> Tensor | None:
+    """B·C for a core value c (any structure of cores.py, made dense); B = None is the identity."""
     if c is None:
         return B
+    c = dense_core(c)
     if c.ndim == 1:
         return torch.diag(c) if B is None else B * c
     return c if B is None else B @ c
+
+
+class MethodState(nn.Module):
+    """A method's training-time state for one layer, as non-persistent buffers (moved by ``.to``, left out
+    of the adapter's state_dict); ``svdkit.training_state`` / ``load_training_state`` save and restore it."""
+
+    def get(self, key: str) -> Tensor | None:
+        return self._buffers.get(key)
+
+    def set(self, key: str, value: Tensor) -> None:
+        if key in self._buffers:
+            self._buffers[key] = value
+        else:
+            self.register_buffer(key, value, persistent=False)
+
+    def pop(self, key: str) -> Tensor | None:
+        self._non_persistent_buffers_set.discard(key)
+        return self._buffers.pop(key, None)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+        self._non_persistent_buffers_set.clear()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return dict(self._buffers)
 
 
 class SpectralLinear(nn.Module):
     """A linear (or Conv1D) layer with a spectral adapter (see the module docstring).
 
     Holds the base module's own ``weight`` and ``bias`` Parameters (so their state-dict keys do not
-    change) and keeps the base module object to put back on :func:`svdkit.unadapt`/``merge``.
+    change) and keeps the base module object to put back on :func:`svdkit.unadapt`/``merge``. ``mode`` is
+    the unfolded mode (ADD, SUBTRACT: A0/B0 given, or FACTORS; None: SUBTRACT if A0/B0 are given, else
+    ADD); ``fold=True`` moves it to RESIDUAL or
+    FACTORS_ONLY when :meth:`fold_base` runs (``svdkit.adapt`` calls it once every layer is built).
     """
 
     def __init__(
@@ -85,17 +157,26 @@ class SpectralLinear(nn.Module):
         B: Tensor | None,
         *,
         scaling: float,
+        mode: Mode | None = None,
         A0: Tensor | None = None,
         B0: Tensor | None = None,
         core: nn.Module | None = None,
         trainable: frozenset = frozenset(FACTORS),
         bias: bool = False,
-        weightless: bool = False,
         fold: bool = False,
         dropout: float = 0.0,
         fingerprint: str = "",
     ):
         super().__init__()
+        mode = mode or (Mode.SUBTRACT if A0 is not None else Mode.ADD)
+        if mode.folded:
+            raise ValueError(f"SpectralLinear is built in its unfolded mode (add, subtract, factors), got {mode.value!r}; "
+                             "pass fold=True to fold it.")  # fmt: skip
+        if (mode is Mode.SUBTRACT) != (A0 is not None and B0 is not None):
+            raise ValueError(f"mode {mode.value!r} {'needs' if mode is Mode.SUBTRACT else 'takes no'} frozen initial "
+                             "factors A0, B0.")  # fmt: skip
+        if B is None and core is None:
+            raise ValueError("an adapter needs an output factor B or a core")
         object.__setattr__(self, "base", base)  # not a child: its tensors are ours while adapted
         self.fan_in_fan_out = is_conv1d(base)
         W = weight_matrix(base)
@@ -103,16 +184,12 @@ class SpectralLinear(nn.Module):
         self.scaling = float(scaling)
         self.fingerprint = fingerprint
         self.trainable = frozenset(trainable)
-        # fold: W → W_res = W − s·B₀A₀ (residual methods), or W dropped when s·B·core.base()·A stands for it;
-        # a weightless layer whose core has no base() keeps W whatever fold says (unadapt needs it)
-        self.weightless = bool(weightless)
-        restorable = self.weightless and callable(getattr(core, "base", None))
-        self.fold_requested = bool(fold and (A0 is not None or restorable))
-        self.folded = False
+        self.mode = mode
+        self.fold_to = mode.fold(callable(getattr(core, "base", None))) if fold else mode
         self.weight_dtype = W.dtype
         self.bias = base.bias
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype = _factor_dtype(W.dtype)
+        self.factor_dtype = dtype = _factor_dtype(W.dtype)
 
         def own(t: Tensor) -> Tensor:
             return t.detach().to(device=W.device, dtype=dtype).clone(memory_format=torch.contiguous_format)
@@ -124,11 +201,7 @@ class SpectralLinear(nn.Module):
                 setattr(self, f"lora_{key}", nn.Parameter(own(value)))
             else:
                 self.register_buffer(f"lora_{key}", own(value))
-        if B is None and core is None:
-            raise ValueError("an adapter needs an output factor B or a core")
-        if core is not None:
-            core = core.to(device=W.device, dtype=dtype)
-        self.core = core
+        self.core = None if core is None else core.to(device=W.device, dtype=dtype)
         if A0 is not None:
             self.register_buffer("init_A", own(A0))
             self.register_buffer("init_B", own(B0))
@@ -138,6 +211,16 @@ class SpectralLinear(nn.Module):
         trains_bias = bias and base.bias is not None
         self.lora_bias = nn.Parameter(torch.zeros(self.out_features, device=W.device, dtype=dtype)) if trains_bias else None
         self.weight = base.weight
+        self.method_state = MethodState()
+
+    @property
+    def folded(self) -> bool:
+        return self.mode.folded
+
+    @property
+    def weightless(self) -> bool:
+        """The factors replace W in the forward (FACTORS, FACTORS_ONLY)."""
+        return not self.mode.uses_weight
 
     @property
     def rank(self) -> int:
@@ -149,21 +232,22 @@ class SpectralLinear(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if n not in ("weight", "bias")]
 
     def output_factor(self) -> Tensor | None:
-        """B·C, the output side with the core applied (None: the identity)."""
-        return apply_core(self.lora_B, self.core() if self.core is not None else None)
+        """B·C, the output side with the core applied densely (None: the identity)."""
+        return output_side(self.lora_B, self.core() if self.core is not None else None)
 
     def fold_base(self) -> None:
-        """Replace the weight by W_res = W − s·B₀A₀ (a new tensor; the forward then skips B₀A₀), or drop it
-        when the factors and the core's base part represent it (the memory of W is freed if unreferenced)."""
-        if self.fold_requested and not self.folded and self.weightless:
+        """Move to the folded mode: W → W_res = W − s·B₀A₀ (a new tensor; RESIDUAL), or W dropped where the
+        factors and the core's base part represent it (FACTORS_ONLY; its memory is freed if unreferenced)."""
+        if self.mode is self.fold_to:
+            return
+        if self.fold_to is Mode.FACTORS_ONLY:
             self.base.weight = None
             self.weight = None
-            self.folded = True
-        elif self.fold_requested and not self.folded:
+        else:
             W = self._dense()
             with torch.no_grad():
                 self._set_weight((W.to(self.init_A.dtype) - self.scaling * (self.init_B @ self.init_A)).to(W.dtype))
-            self.folded = True
+        self.mode = self.fold_to
 
     def _set_weight(self, matrix: Tensor) -> None:
         """Give this layer and its base a new weight Parameter (never writes into the old tensor)."""
@@ -173,7 +257,7 @@ class SpectralLinear(nn.Module):
         self.weight = param
 
     def _dense(self) -> Tensor | None:
-        if self.weight is None:  # weightless fold: W is s·B·core.base()·A
+        if self.weight is None:  # FACTORS_ONLY: W is s·B·core.base()·A
             return None
         return self.weight.T if self.fan_in_fan_out else self.weight
 
@@ -187,52 +271,60 @@ class SpectralLinear(nn.Module):
             return self.base(x)
         return F.linear(x, self.original_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.adapter_disabled:
             return self._original_forward(x)
-        W, Bc = self._forward_weight(), self.output_factor()
-        subtract = self.init_A is not None and not self.folded
-        dtype = Bc.dtype if W is None else W.dtype
-        if x.dtype != dtype or Bc.dtype != dtype or torch.is_autocast_enabled(x.device.type):
-            out = self._forward_composed(x, Bc, subtract)
+        c = None if self.core is None else getattr(self.core, "structured", self.core)()
+        # the fused function takes the output side B·C as one matrix: worth it when B trains anyway (or
+        # there is no core); a core between frozen bases is applied to A·x in its own structure instead
+        fused = c is None or (isinstance(c, Tensor) and "B" in self.trainable and self.lora_B is not None)
+        W = self._dense() if self.mode.uses_weight else None
+        if fused:
+            Bc = output_side(self.lora_B, c)
+            uniform = x.dtype == Bc.dtype and (W is None or W.dtype == Bc.dtype)
+            fused = uniform and not torch.is_autocast_enabled(x.device.type)
+        if not fused:
+            out = self._forward_composed(x, c)
         else:
             x2 = x.reshape(-1, self.in_features)
             xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
-            A0, B0 = (self.init_A, self.init_B) if subtract else (None, None)
-            out = _AdaptedLinearFn.apply(x2, xd, W, self.bias, self.lora_A, Bc, A0, B0, self.scaling)
+            A0, B0 = (self.init_A, self.init_B) if self.mode is Mode.SUBTRACT else (None, None)
+            out = AdaptedLinearFn.apply(x2, xd, W, self.bias, self.lora_A, Bc, A0, B0, self.scaling)
             out = out.view(*x.shape[:-1], self.out_features)
         return out if self.lora_bias is None else out + self.lora_bias.to(out.dtype)
 
-    def _forward_composed(self, x: Tensor, Bc: Tensor, subtract: bool) -> Tensor:
-        """The same function from stock ops, for mixed dtypes (fp32 factors on a bf16 base) and autocast."""
-        out = _base_output(x, self._forward_weight(), self.bias, self.out_features)
-        h = self.dropout(x.to(Bc.dtype))
+    def _forward_composed(self, x: Tensor, c) -> Tensor:
+        """The same function from stock ops: any core structure, mixed dtypes (fp32 factors on a bf16 base)
+        and autocast. h = A·drop(x), z = C h (cores.apply_core), B z."""
+        W = self._dense() if self.mode.uses_weight else None
+        out = base_output(x, W, self.bias, self.out_features)
+        dtype = self.factor_dtype
+        h = self.dropout(x.to(dtype))
         if self.lora_A is not None:
             h = F.linear(h, self.lora_A)
-        delta = F.linear(h, Bc)
-        if subtract:
-            delta = delta - F.linear(F.linear(x.to(Bc.dtype), self.init_A), self.init_B)
+        if c is not None:
+            h = apply_core(h, c)
+        delta = F.linear(h, self.lora_B) if self.lora_B is not None else h
+        if self.mode is Mode.SUBTRACT:
+            delta = delta - F.linear(F.linear(x.to(dtype), self.init_A), self.init_B)
+        if delta.dtype == out.dtype:
+            return torch.add(out, delta, alpha=self.scaling)
         return out + (self.scaling * delta).to(out.dtype)
 
     # -- dense views (fp32 or the factor dtype) --------------------------------------------------
     def _update(self, subtract: bool, core: Tensor | None = None) -> Tensor:
         """B C A (− B₀ A₀), unscaled, shape (out, in); ``core`` replaces the core's current value."""
-        Bc = self.output_factor() if core is None else apply_core(self.lora_B, core)
+        Bc = self.output_factor() if core is None else output_side(self.lora_B, core)
         update = Bc if self.lora_A is None else Bc @ self.lora_A
         return update - self.init_B @ self.init_A if subtract else update
 
-    def _in_factors(self) -> bool:
-        return self.weightless and self.folded
-
-    def _forward_weight(self) -> Tensor | None:
-        """The W of the forward's x Wᵀ term: None for a weightless layer (the factors replace W)."""
-        return None if self.weightless else self._dense()
-
     def delta_weight(self) -> Tensor:
-        """ΔW relative to the original weight: s·(B C A − B₀ A₀), shape (out, in); s·B C A − W when weightless."""
-        if self._in_factors():
+        """ΔW relative to the original weight: s·(B C A − B₀ A₀), shape (out, in); s·B C A − W when the
+        factors replace W."""
+        if self.mode is Mode.FACTORS_ONLY:
             return self.scaling * (self._update(False) - self._update(False, self.core.base()))
-        if self.weightless:
+        if self.mode is Mode.FACTORS:
             update = self._update(False)
             return self.scaling * update - self._dense().to(update.dtype)
         return self.scaling * self._update(self.init_A is not None)
@@ -240,18 +332,18 @@ class SpectralLinear(nn.Module):
     def original_weight(self) -> Tensor:
         """The weight the layer was adapted from: bit-exact unless folded (then W_res + s·B₀A₀, or
         s·B·core.base()·A for a dropped weight)."""
-        if self._in_factors():
+        if self.mode is Mode.FACTORS_ONLY:
             return (self.scaling * self._update(False, self.core.base())).to(self.weight_dtype)
         W = self._dense()
-        if not self.folded:
+        if self.mode is not Mode.RESIDUAL:
             return W
         return (W.to(self.init_A.dtype) + self.scaling * (self.init_B @ self.init_A)).to(W.dtype)
 
     def merged_weight(self) -> Tensor:
-        if self.weightless:  # the factors alone, whether W was dropped or kept
+        if not self.mode.uses_weight:  # the factors alone, whether W was dropped or kept
             return (self.scaling * self._update(False)).to(self.weight_dtype)
         W = self._dense()
-        update = self._update(self.init_A is not None and not self.folded)  # W_res already lacks s·B₀A₀
+        update = self._update(self.mode is Mode.SUBTRACT)  # W_res already lacks s·B₀A₀
         return (W.to(update.dtype) + self.scaling * update).to(W.dtype)
 
     def merged_bias(self) -> Tensor | None:
@@ -261,12 +353,9 @@ class SpectralLinear(nn.Module):
         return b.to(self.weight_dtype)
 
     def extra_repr(self) -> str:
-        mode = "folded" if self.folded else ("subtract-init" if self.init_A is not None else "zero-init")
-        mode = "weight dropped (in the factors)" if self._in_factors() else mode
-        mode = "factors replace the weight (kept for unadapt)" if self.weightless and not self.folded else mode
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
-            f"trains={sorted(n for n, _ in self.adapter_parameters())}, {mode}"
+            f"trains={sorted(n for n, _ in self.adapter_parameters())}, mode={self.mode.value}"
         )
 
     # -- leaving -------------------------------------------------------------------------------
@@ -283,77 +372,3 @@ class SpectralLinear(nn.Module):
             if self.lora_bias is not None:
                 self.base.bias = nn.Parameter(self.merged_bias(), requires_grad=False)
         return self.base
-
-
-class _AdaptedLinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b + s·(x_d Aᵀ) Bᵀ − s·(x A₀ᵀ) B₀ᵀ on 2-D x, with hand-written backward.
-
-    Stock autograd would allocate the output-sized ΔY, s·ΔY and the sum, and in backward a second
-    input-sized gradient to add to gout·W. Here the low-rank terms are accumulated into the output and
-    into ∂x in place (``addmm_``), and with no dropout the A and A₀ paths share one GEMM through the
-    stacked [A; A₀] (h₀ negated so that the output side is the stacked [B, B₀]). ``xd`` is dropout(x),
-    or None for no dropout; A = None is the identity; A₀, B₀ are None when nothing is subtracted; W = None
-    when the factors stand for the weight (SVFT with fold=True).
-    """
-
-    @staticmethod
-    def forward(ctx, x, xd, W, bias, A, B, A0, B0, s):
-        out = _base_output(x, W, bias, B.shape[0])
-        joint = A0 is not None and xd is None and A is not None
-        if joint:  # h = [x Aᵀ, −x A₀ᵀ]:  out += s·h [B, B₀]ᵀ
-            r = A.shape[0]
-            h = x @ torch.cat([A, A0]).T
-            h[:, r:].neg_()
-            out.addmm_(h, torch.cat([B, B0], dim=1).T, alpha=s)
-        else:
-            src = x if xd is None else xd
-            h = src if A is None else src @ A.T
-            out.addmm_(h, B.T, alpha=s)
-            if A0 is not None:
-                out.addmm_(x @ A0.T, B0.T, alpha=-s)
-        ctx.s, ctx.joint = s, joint
-        ctx.save_for_backward(x, xd, W, A, B, A0, B0, h)
-        return out
-
-    @staticmethod
-    def backward(ctx, gout):
-        x, xd, W, A, B, A0, B0, h = ctx.saved_tensors
-        need_x, need_xd, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:6]
-        s, r = ctx.s, B.shape[1]
-        src = x if xd is None else xd
-        gx = gxd = None
-        if ctx.joint:
-            G = gout @ torch.cat([B, B0], dim=1)  # (n, 2r); ∂h = s·G, and h₀ was negated
-            G1 = G[:, :r]
-            gA = s * (G1.T @ x) if need_A else None
-            if need_x:
-                G[:, r:].neg_()
-                gx = _grad_input(gout, W, x).addmm_(G, torch.cat([A, A0]), alpha=s)
-        else:
-            G1 = gout @ B
-            gA = s * (G1.T @ src) if need_A else None
-            if need_x:
-                gx = _grad_input(gout, W, x)
-                if xd is None:
-                    gx.addmm_(G1, A, alpha=s) if A is not None else gx.add_(G1, alpha=s)
-                if A0 is not None:
-                    gx.addmm_(gout @ B0, A0, alpha=-s)
-            if need_xd and xd is not None:
-                gxd = s * (G1 @ A) if A is not None else s * G1
-        gB = s * (gout.T @ h[:, :r]) if need_B else None
-        gW = gout.T @ x if need_W else None
-        gb = gout.sum(0) if need_b else None
-        return gx, gxd, gW, gb, gA, gB, None, None, None
-
-
-def _base_output(x: Tensor, W: Tensor | None, bias: Tensor | None, out_features: int) -> Tensor:
-    """x Wᵀ + b as a fresh tensor the low-rank terms can be accumulated into (b alone when W is None)."""
-    if W is not None:
-        return F.linear(x, W, bias)
-    out = x.new_zeros(*x.shape[:-1], out_features)
-    return out if bias is None else out.add_(bias)
-
-
-def _grad_input(gout: Tensor, W: Tensor | None, x: Tensor) -> Tensor:
-    return gout @ W if W is not None else torch.zeros_like(x)
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,9 +20,9 @@ from torch import nn
 from svdkit import __version__
 from svdkit.adapters.api import _check_not_adapted, adapted_layers, install, state
 from svdkit.core.registry import config_from_dict
-from svdkit.core.fingerprint import combine, tensor_fingerprint
+from svdkit.core.fingerprint import combine, compare, fingerprint_dtype, tensor_fingerprint
 from svdkit.core.files import atomic_dir
-from svdkit.adapters.layers import SpectralLinear, weight_matrix
+from svdkit.adapters.layers import Mode, SpectralLinear, weight_matrix
 
 META, TENSORS, FORMAT = "svdkit.json", "adapter.safetensors", "svdkit-adapter"
 
@@ -93,7 +94,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 
 def _check_base(model: nn.Module, modules: dict) -> dict[str, nn.Module]:
-    found, problems = {}, []
+    found, problems, recast = {}, [], set()
     for name, info in modules.items():
         try:
             module = model.get_submodule(name)
@@ -103,9 +104,16 @@ def _check_base(model: nn.Module, modules: dict) -> dict[str, nn.Module]:
         W = weight_matrix(module)
         if list(W.shape) != info["shape"]:
             problems.append(f"{name}: weight is {tuple(W.shape)}, adapter expects {tuple(info['shape'])}")
-        elif tensor_fingerprint(W) != info["fingerprint"]:
-            problems.append(f"{name}: weights differ (fingerprint {tensor_fingerprint(W)} ≠ {info['fingerprint']})")
+        elif (verdict := compare(W, info["fingerprint"])) == "different":
+            now, then = tensor_fingerprint(W).split(":")[0], info["fingerprint"].split(":")[0]
+            problems.append(f"{name}: weights differ (fingerprint {now} ≠ {then})")
+        elif verdict == "dtype":
+            recast.add((fingerprint_dtype(info["fingerprint"]), str(W.dtype).removeprefix("torch.")))
         found[name] = module
+    if recast and not problems:
+        pairs = ", ".join(f"{a} → {b}" for a, b in sorted(recast))
+        warnings.warn(f"same weights, different dtype: the adapter was made on {pairs} weights of this model; "
+                      "loading it (the outputs match the saved model up to that dtype's rounding).", stacklevel=3)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise FingerprintMismatch(
@@ -113,6 +121,22 @@ def _check_base(model: nn.Module, modules: dict) -> dict[str, nn.Module]:
             f"do not match): {shown}. Load it onto the exact base weights it was trained on."
         )
     return found
+
+
+_LAYER_FIELDS = ("shape", "scaling", "trainable", "fold", "dropout", "fingerprint", "tensors")
+
+
+def _check_layer_info(path, name: str, info: dict, own: dict[str, torch.Tensor] | None = None) -> None:
+    """The per-module record has every field, and (given its tensors) A (r × in) and B (out × r) fit the weight."""
+    missing = [f for f in _LAYER_FIELDS if f not in info]
+    if missing:
+        raise AdapterFormatError(f"{Path(path) / META}: module {name} lacks {missing}; the adapter is corrupt.")
+    if own is None:
+        return
+    out, inp = info["shape"]
+    A, B = own.get("lora_A"), own.get("lora_B")
+    if (A is not None and (A.ndim != 2 or A.shape[1] != inp)) or (B is not None and (B.ndim != 2 or B.shape[0] != out)):
+        raise AdapterFormatError(f"{Path(path) / TENSORS}: {name}'s factors do not fit its {out}×{inp} weight; the adapter is corrupt.")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -126,6 +150,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = _check_base(model, meta["modules"])
     layers = {}
     for name, info in meta["modules"].items():
+        _check_layer_info(path, name, info)
         own = {}
         for key, shape in info["tensors"].items():
             value = tensors.get(f"{name}.{key}")
@@ -134,15 +159,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 raise AdapterFormatError(f"{Path(path) / TENSORS}: {name}.{key} is {got}, expected {tuple(shape)}; the adapter is corrupt.")
             own[key] = value
         core = {k.split(".", 1)[1]: v for k, v in own.items() if k.startswith("core.")}
+        _check_layer_info(path, name, info, own)
         try:
             layers[name] = SpectralLinear(
                 modules[name], own.get("lora_A"), own.get("lora_B"), A0=own.get("init_A"), B0=own.get("init_B"),
                 core=cfg.for_module(name).make_core(core) if core else None, bias="lora_bias" in own,
-                weightless=info.get("weightless", False),
+                mode=Mode.of(info.get("weightless", False), "init_A" in own),
                 scaling=info["scaling"], trainable=frozenset(info["trainable"]), fold=info["fold"],
                 dropout=info["dropout"], fingerprint=info["fingerprint"],
             )  # fmt: skip
-        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        except ValueError as exc:  # the layer's and the core's own checks of their inputs (not bugs: TypeError etc.)
             raise AdapterFormatError(f"{Path(path)}: {name} cannot be rebuilt ({exc}); the adapter is corrupt.") from None
         if "lora_bias" in own:
             with torch.no_grad():

@@ -1,9 +1,17 @@
 """One bench process: the cells of one method (its LR sweep, seeds, claim variants), trained and evaluated
-with svdkit's own pieces (api.adapt, train.make_optimizer/train_step, data.eval_loss).
+with svdkit's own pieces (api.adapt, train.make_optimizer/train_step, batches.eval_loss).
 
 Run by grid.py as ``python -m svdkit.benchmarking.cell SPEC.json`` so that each method starts from a fresh process
 (peak memory is per process; a crash costs one method). A cell whose ``result.json`` exists is skipped, so
-a killed bench resumes where it stopped. Within a process the base model is loaded once (every cell ends
+a killed bench resumes where it stopped. Only a method's refusal of its configuration
+(:class:`svdkit.core.registry.Refused`) is written as a ``result.json`` "skipped"; any other exception goes to
+the cell's ``error.json`` (type, message, traceback) and the cell runs again on resume.
+
+Splits (disjoint, from one seeded generator): validation (``heldout_problems``: chooses the LR and the
+checkpoint), test (``test_problems``: what the report shows), calibration (``calibration_samples``: the
+data-aware methods' statistics, held apart from training so the step budget stays the same for every
+method) and training (``train_problems``). Accuracy is measured on the BIG-bench (or generated) questions
+at the chosen checkpoint. Within a process the base model is loaded once (every cell ends
 with ``unadapt``, which restores it bit-exactly), calibration statistics are computed once, and an LR sweep
 starts every cell from the first cell's saved init (``load_adapter``: no SVD recomputed).
 """
@@ -17,13 +25,15 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from svdkit.adapters import api
 from svdkit.training import data
-from svdkit.core.registry import config
+from svdkit.training.batches import batch_at, collate, eval_loss
+from svdkit.core.registry import Refused, config
 from svdkit.core.files import write_text
 from svdkit.core.models import load_model
 from svdkit.training.loop import make_optimizer, train_step
@@ -32,16 +42,29 @@ from svdkit.adapters.saving import load_adapter, save_adapter
 from svdkit.benchmarking.diagnose import intruder_summary, malloc_trim, peak_kib, reset_peak, rss_kib
 
 RESULT = "result.json"
+ERROR = "error.json"
 EVAL_BATCH = 64  # evaluation batches (held-out loss, generation): short problems, so one forward serves them all
 
 
+SPLITS = ("val", "test", "calibration", "train")
+
+
+def split_sizes(bench: dict) -> dict[str, int]:
+    return {"val": bench["heldout_problems"], "test": bench["test_problems"],
+            "calibration": bench["calibration_samples"], "train": bench["train_problems"]}  # fmt: skip
+
+
 def inputs(bench: dict, out: Path, tok) -> dict:
-    """Train/held-out examples, accuracy questions and Lee blocks: the same for every cell of the bench."""
-    problems = arithmetic.generate(bench["train_problems"] + bench["heldout_problems"], seed=bench["data_seed"])
-    heldout, train = problems[: bench["heldout_problems"]], problems[bench["heldout_problems"] :]
+    """Validation/test/calibration/train examples (disjoint), accuracy questions and Lee blocks: the same for
+    every cell of the bench."""
+    sizes = split_sizes(bench)
+    problems = arithmetic.generate(sum(sizes.values()), seed=bench["data_seed"])
+    out_, start = {}, 0
+    for name in SPLITS:
+        out_[name] = arithmetic.examples(tok, problems[start : start + sizes[name]])
+        start += sizes[name]
     lee = data.DATASETS["lee"](tok, 128)[0][: bench["lee_blocks"]] if bench["lee_blocks"] else []
-    return {"train": arithmetic.examples(tok, train), "heldout": arithmetic.examples(tok, heldout),
-            "questions": json.loads((out / "questions.json").read_text()), "lee": lee}  # fmt: skip
+    return {**out_, "questions": json.loads((out / "questions.json").read_text()), "lee": lee}
 
 
 def _pad_id(tok) -> int:
@@ -51,20 +74,20 @@ def _pad_id(tok) -> int:
 def _evaluate(model, tok, inp, bench, measure) -> dict:
     res = {"accuracy": bigbench.accuracy(model, tok, inp["questions"], batch_size=EVAL_BATCH, max_new_tokens=bench["max_new_tokens"])}
     if "lee" in measure and inp["lee"]:
-        res["lee_perplexity"] = data.eval_loss(model, inp["lee"], EVAL_BATCH // 4, _pad_id(tok))[1]
+        res["lee_perplexity"] = eval_loss(model, inp["lee"], EVAL_BATCH // 4, _pad_id(tok))[1]
     return res
 
 
 def run_base(bench: dict, out: Path, cell: dict) -> dict:
-    """The untrained model: held-out loss at step 0, zero-shot accuracy (the floor), Lee perplexity."""
+    """The untrained model: validation and test loss, zero-shot accuracy (the floor), Lee perplexity."""
     model, tok = load_model(bench["model"])
-    inp = inputs(bench, out, tok)
-    loss = data.eval_loss(model, inp["heldout"], EVAL_BATCH, _pad_id(tok))[0]
-    return {"heldout_loss": loss, **_evaluate(model, tok, inp, bench, ("lee",))}
+    inp, pad = inputs(bench, out, tok), _pad_id(tok)
+    val, test = (eval_loss(model, inp[k], EVAL_BATCH, pad)[0] for k in ("val", "test"))
+    return {"val_loss": val, "test_loss": test, **_evaluate(model, tok, inp, bench, ("lee",))}
 
 
 def _calibration(bench, method_cfg, model, inp, tok, cache: dict):
-    """The method's statistics on the first ``calibration_samples`` training examples, computed once per
+    """The method's statistics on the held-apart calibration split (never trained on), computed once per
     process for each distinct statistic (an LR sweep reuses them; the base weights are the same)."""
     if not method_cfg.uses_calibration:
         return None
@@ -73,8 +96,8 @@ def _calibration(bench, method_cfg, model, inp, tok, cache: dict):
     if key not in stats:
         from svdkit.core.calibration import calibrate  # svdkit.calibrate: the data-aware methods' statistics
 
-        items, bs = inp["train"][: bench["calibration_samples"]], bench["batch_size"]
-        batches = [data.collate(items[i : i + bs], _pad_id(tok)) for i in range(0, len(items), bs)]
+        items, bs = inp["calibration"], bench["batch_size"]
+        batches = [collate(items[i : i + bs], _pad_id(tok)) for i in range(0, len(items), bs)]
         start = time.perf_counter()
         stats[key] = calibrate(model, batches, method_cfg, progress=False)
         cache["seconds"] = time.perf_counter() - start
@@ -82,12 +105,17 @@ def _calibration(bench, method_cfg, model, inp, tok, cache: dict):
 
 
 def _train(bench, cell, model, inp, pad, method_cfg) -> dict:
+    """Train ``steps`` steps, evaluating the validation loss every ``eval_every`` steps and at the end; the
+    trainable tensors at the best validation checkpoint are restored before returning (checkpoint selection
+    on the validation split). ``snapshot_mib``: the size of that copy (left out of the reported peak)."""
     steps, lr = bench["steps"], cell["lr"]
     loop = make_optimizer(model, lr, method_cfg.weight_decay, steps, max(1, round(0.1 * steps)))
-    curve, times, losses = [], [], []
+    curve, times, losses, best = [], [], [], (math.inf, 0, None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    snapshot_mib = sum(p.numel() * p.element_size() for p in trainable) / 2**20
     model.train()
     while loop.step < steps:
-        batch = data.collate(data.batch_at(inp["train"], loop.step, bench["batch_size"], cell["seed"]), pad)
+        batch = collate(batch_at(inp["train"], loop.step, bench["batch_size"], cell["seed"]), pad)
         start = time.perf_counter()
         row = train_step(model, model, [batch], loop, max_grad_norm=1.0, peak_lr=lr, total=steps)
         times.append(time.perf_counter() - start)
@@ -96,8 +124,16 @@ def _train(bench, cell, model, inp, pad, method_cfg) -> dict:
             curve.append((loop.step, math.inf))
             break
         if loop.step % bench["eval_every"] == 0 or loop.step == steps:
-            curve.append((loop.step, data.eval_loss(model, inp["heldout"], EVAL_BATCH, pad)[0]))
-    return {"curve": curve, "step_s_median": statistics.median(times), "train_loss_last": losses[-1]}
+            val = eval_loss(model, inp["val"], EVAL_BATCH, pad)[0]
+            curve.append((loop.step, val))
+            if val < best[0]:
+                best = (val, loop.step, [p.detach().clone() for p in trainable])
+    if best[2] is not None:
+        with torch.no_grad():
+            for p, saved in zip(trainable, best[2]):
+                p.copy_(saved)
+    return {"curve": curve, "val_loss": best[0], "best_step": best[1], "snapshot_mib": snapshot_mib,
+            "step_s_median": statistics.median(times), "train_loss_last": losses[-1]}  # fmt: skip
 
 
 def _model(bench: dict, cache: dict):
@@ -118,6 +154,10 @@ def _adapt(model, method_cfg, stats, cache: dict, out: Path) -> tuple[float, flo
     or calibration recomputed), reporting the first cell's init time and transient peak."""
     key = json.dumps(method_cfg.to_dict(), sort_keys=True)
     inits = cache.setdefault("inits", {})
+    folder = out / "inits" / f"{method_cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    timing = folder.parent / f"{folder.name}.json"
+    if key not in inits and folder.is_dir() and timing.is_file():  # saved by an earlier process (LR extension)
+        inits[key] = (folder, *json.loads(timing.read_text()))
     if key in inits:
         folder, init_s, init_peak = inits[key]
         load_adapter(model, folder)
@@ -127,8 +167,8 @@ def _adapt(model, method_cfg, stats, cache: dict, out: Path) -> tuple[float, flo
     start = time.perf_counter()
     api.adapt(model, method_cfg, **({"calibration": stats} if stats is not None else {}), progress=False)
     init_s, init_peak = time.perf_counter() - start, (peak_kib() - base_rss) / 1024
-    folder = out / "inits" / f"{method_cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     save_adapter(model, folder, overwrite=True)
+    write_text(timing, json.dumps([init_s, init_peak]) + "\n")
     inits[key] = (folder, init_s, init_peak)
     return init_s, init_peak
 
@@ -136,7 +176,8 @@ def _adapt(model, method_cfg, stats, cache: dict, out: Path) -> tuple[float, flo
 def run_cell(bench: dict, out: Path, cell: dict, cache: dict) -> dict:
     """Adapt, train and evaluate one (method, options, lr, seed) cell; returns its result row.
 
-    peak_mib: the larger of the init's transient peak and the training peak, above the base model's RSS."""
+    peak_mib: the larger of the init's transient peak and the training peak, above the base model's RSS, less
+    the best-checkpoint copy the bench keeps (not part of the method's footprint)."""
     torch.manual_seed(cell["seed"])
     model, tok = _model(bench, cache)
     if "inputs" not in cache:
@@ -152,9 +193,10 @@ def run_cell(bench: dict, out: Path, cell: dict, cache: dict) -> dict:
         reset_peak()
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         trained = _train(bench, cell, model, inp, pad, method_cfg)
-        peak = max(init_peak, (peak_kib() - base_rss) / 1024)
+        peak = max(init_peak, (peak_kib() - base_rss) / 1024 - trained.pop("snapshot_mib"))
         model.eval()
         res = {"params": params, "init_s": init_s, "peak_mib": peak, **trained,
+               "test_loss": eval_loss(model, inp["test"], EVAL_BATCH, pad)[0],
                **_evaluate(model, tok, inp, bench, cell["measure"])}  # fmt: skip
         if "intruders" in cell["measure"]:
             res["intruders"] = intruder_summary(model, bench["intruder_layers"])
@@ -162,9 +204,7 @@ def run_cell(bench: dict, out: Path, cell: dict, cache: dict) -> dict:
         if getattr(model, "_svdkit", None) is not None:
             api.unadapt(model)
     if "seconds" in cache:
-        res["calibration_s"] = cache["seconds"]
-    finite = [loss for _, loss in res["curve"] if math.isfinite(loss)]
-    res["best_heldout"] = min(finite) if finite else math.inf
+        res.update(calibration_s=cache["seconds"], calibration_examples=len(inp["calibration"]))
     return res
 
 
@@ -175,13 +215,19 @@ def run_spec(spec: dict, on_done=lambda cell_id: None) -> None:
         folder = out / "cells" / cell["id"]
         if not (folder / RESULT).is_file():
             start = time.perf_counter()
+            folder.mkdir(parents=True, exist_ok=True)
             try:
                 res = run_base(bench, out, cell) if cell["method"] == "base" else run_cell(bench, out, cell, cache)
-            except (ValueError, TypeError, ImportError, NotImplementedError, KeyError, RuntimeError) as exc:
+            except Refused as exc:  # the method's own statement about this configuration: a result
                 res = {"skipped": f"{type(exc).__name__}: {exc}"}
+            except Exception as exc:  # a failure (a bug, out of memory, …): recorded apart, retried on resume
+                error = {"cell": cell, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+                write_text(folder / ERROR, json.dumps(error, indent=1) + "\n")
+                on_done(cell["id"])
+                continue
             res.update(cell=cell, wall_s=time.perf_counter() - start)
-            folder.mkdir(parents=True, exist_ok=True)
             write_text(folder / RESULT, json.dumps(res, indent=1, default=float) + "\n")
+            (folder / ERROR).unlink(missing_ok=True)  # an earlier failure of this cell, now retried
         on_done(cell["id"])
 
 

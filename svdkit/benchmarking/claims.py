@@ -1,150 +1,198 @@
-"""The papers' headline claims, checked at small scale on the bench's own runs.
+"""`svdkit bench --claims`: the papers' headline claims, each run at its paper configuration with several
+seeds (``claim_seeds``, default 3) and more steps than the grid (default 40), with a verdict by a stated rule.
 
-Each claim adds the cells it needs to the plan (:func:`extra_cells`) and reads a verdict off the results
-(:func:`verdicts`): "holds", "does not hold", "inconclusive at this scale" (a difference inside the
-seed-to-seed noise, or no signal), or "not run" (a method the claim needs is not in this bench).
+Every claim compares two arms trained on the same batches with the same seeds (paired), measured on the
+test split at the checkpoint chosen on the validation split (as the grid). Per seed s the difference
+d_s = (other − claimed-better) for a lower-is-better metric (the reverse for intruders) is taken;
+d̄ ± sd are its mean and sample standard deviation over the seeds. Rule (fixed in advance):
 
-1. PiSSA converges faster than LoRA at the same rank and LR (https://arxiv.org/abs/2404.02948): PiSSA
-   at LoRA's LR and rank vs LoRA, held-out loss at every evaluation.
-2. MiLoRA (https://arxiv.org/abs/2406.09044) and CorDA-KPA (https://arxiv.org/abs/2406.05223) preserve
-   more of the base model's held-out perplexity than PiSSA: perplexity on gensim lee_background (plain
-   English news, unrelated to the arithmetic training data) after training at each method's paper LR.
-3. SVFT (https://arxiv.org/abs/2405.19597) / SVFit reach a loss comparable to LoRA's (within 0.05 nats
-   of LoRA's best held-out loss) with ≤ 1/10 of its trainable parameters.
-4. EVA's rank redistribution (https://arxiv.org/abs/2410.07170) beats uniform ranks at the same budget:
-   EVA (rho=2) vs EVA with rho=1 (uniform ranks, the paper's ablation) at its paper LR.
-5. LoRA creates more intruder dimensions than full fine-tuning (https://arxiv.org/abs/2410.21228): top-10
-   left singular vectors, ε = 0.5, over evenly spaced target matrices, at each method's paper LR.
+- **holds** if d̄ > 2·sd (and d̄ > 0): the claimed direction, separated from the seed-to-seed spread;
+- **does not hold** if d̄ < −2·sd: the opposite direction, separated;
+- **inconclusive** otherwise: this run cannot separate the arms.
+
+"Comparable with far fewer parameters" claims (SVFT, SVFit) hold if the trainable count is ≤ 1/10 of
+LoRA's and the gap g = (method − LoRA) test loss satisfies ḡ + 2·sd ≤ 0.05 nats; they do not hold if the
+count is larger or ḡ − 2·sd > 0.05; otherwise inconclusive.
+
+1. PiSSA converges faster than LoRA (https://arxiv.org/abs/2404.02948): same rank, PiSSA's paper LR 2e-5
+   for both (the paper's comparison); metric: mean validation loss over the evaluations (area under the curve).
+2. MiLoRA (https://arxiv.org/abs/2406.09044) preserves more base perplexity (gensim lee_background, plain
+   English unrelated to the arithmetic) than PiSSA, both at MiLoRA's paper LR 3e-4 (its paper trains
+   LoRA/PiSSA/MiLoRA with the same hyper-parameters).
+3. CorDA-KPA (https://arxiv.org/abs/2406.05223) preserves more than PiSSA, both at CorDA's paper LR. Its
+   covariance comes from the bench's held-apart calibration problems, not NQ/TriviaQA (none offline).
+4. SVFT (https://arxiv.org/abs/2405.19597): plain pattern, its code's kaiming core, lr 5e-2 vs LoRA at
+   LoRA's paper LR 2e-4 and the bench rank.
+5. SVFit (https://arxiv.org/abs/2409.05926) with its 99 %-energy rule (``energy=0.99``, rank capped only by
+   the smallest target dimension) vs the same LoRA arm.
+6. EVA's rank redistribution (https://arxiv.org/abs/2410.07170): ρ = 2 vs ρ = 1 (uniform ranks, the
+   paper's ablation) at EVA's paper LR; metric: test loss.
+7. LoRA creates more intruder dimensions than full fine-tuning (https://arxiv.org/abs/2410.21228): top-10
+   left singular vectors, ε = 0.5, over evenly spaced target matrices, each at its paper LR.
 """
 
 from __future__ import annotations
 
-from svdkit.benchmarking.results import best_by_method, cell
+import json
+import math
+import statistics
+from pathlib import Path
+
+from svdkit.core.files import write_text
+from svdkit.core.registry import method_class
+from svdkit.benchmarking.results import cell, ok
 
 COMPARABLE_NATS = 0.05
 FEWER = 0.1
+RULE = ("paired over seeds: holds if the mean difference in the claimed direction exceeds 2× its standard "
+        "deviation over seeds, does not hold if it exceeds it in the other direction, else inconclusive")  # fmt: skip
 
 
-def _center(info: dict, name: str) -> float:
-    lrs = info[name]["lrs"]
-    return lrs[len(lrs) // 2]
+def _arms(bench, smallest: int) -> dict:
+    """{arm label: (method, options, lr)} at each claim's paper configuration."""
+    r, lr = bench.rank, lambda name: method_class(name).lr  # noqa: E731
+    arms = {
+        "lora@pissa-lr": ("lora", {"rank": r}, lr("pissa")),
+        "pissa": ("pissa", {"rank": r}, lr("pissa")),
+        "milora": ("milora", {"rank": r}, lr("milora")),
+        "pissa@milora-lr": ("pissa", {"rank": r}, lr("milora")),
+        "corda-kpa": ("corda", {"rank": r, "mode": "kpa"}, lr("corda")),
+        "svft": ("svft", {}, lr("svft")),
+        "svfit-0.99": ("svfit", {"rank": smallest - 1, "energy": 0.99}, lr("svfit")),
+        "lora": ("lora", {"rank": r}, lr("lora")),
+        "eva": ("eva", {"rank": r, "rho": 2}, lr("eva")),
+        "eva-uniform": ("eva", {"rank": r, "rho": 1}, lr("eva")),
+        "full": ("full", {}, lr("full")),
+    }
+    if lr("corda") != lr("pissa"):
+        arms["pissa@corda-lr"] = ("pissa", {"rank": r}, lr("corda"))
+    return arms
 
 
-def _find(cells: list[dict], label: str, lr: float) -> dict | None:
-    return next((c for c in cells if c["label"] == label and c["lr"] == lr), None)
+def _mean_val(r):
+    finite = [v for _, v in r["curve"] if math.isfinite(v)]
+    return statistics.fmean(finite) if len(finite) == len(r["curve"]) and finite else math.inf
 
 
-def extra_cells(bench, info: dict, cells: list[dict]) -> list[dict]:
-    """The grid's cells with the claims' measurements switched on, plus the claims' own variants."""
-
-    cells = [dict(c) for c in cells]
-
-    def measure(label, what):
-        if label in info:
-            c = _find(cells, label, _center(info, label))
-            c["measure"] = sorted(set(c["measure"]) | {what})
-
-    for name in ("pissa", "milora"):
-        measure(name, "lee")
-    for name in ("lora", "full"):
-        measure(name, "intruders")
-    seed = bench.seed
-    if "pissa" in info and "lora" in info:
-        opts = {**info["pissa"]["options"], "rank": info["lora"]["options"]["rank"]}
-        cells.append(cell("pissa", opts, _center(info, "lora"), seed, "pissa-at-lora-lr"))
-    if "corda" in info:
-        cells.append(cell("corda", {**info["corda"]["options"], "mode": "kpa"}, _center(info, "corda"), seed,
-                          "corda-kpa", ("lee",)))  # fmt: skip
-    if "eva" in info:
-        cells.append(cell("eva", {**info["eva"]["options"], "rho": 1}, _center(info, "eva"), seed, "eva-uniform"))
-    return cells
+# (id, claim, claimed-better arm, other arm, metric name, metric, "lower" | "higher" | "comparable")
+CLAIMS = (
+    ("pissa-faster", "PiSSA converges faster than LoRA (same rank and LR)", "pissa", "lora@pissa-lr",
+     "mean validation loss over the evaluations", _mean_val, "lower"),
+    ("milora-preserves", "MiLoRA preserves more base perplexity than PiSSA", "milora", "pissa@milora-lr",
+     "lee_background perplexity after training", lambda r: r["lee_perplexity"], "lower"),
+    ("corda-kpa-preserves", "CorDA-KPA preserves more base perplexity than PiSSA", "corda-kpa", "pissa@corda-lr",
+     "lee_background perplexity after training", lambda r: r["lee_perplexity"], "lower"),
+    ("svft-fewer", "SVFT reaches LoRA's loss with ≤ 1/10 of its parameters", "svft", "lora",
+     "test loss", lambda r: r["test_loss"], "comparable"),
+    ("svfit-fewer", "SVFit (99 % energy) reaches LoRA's loss with ≤ 1/10 of its parameters", "svfit-0.99", "lora",
+     "test loss", lambda r: r["test_loss"], "comparable"),
+    ("eva-redistribution", "EVA's rank redistribution beats uniform ranks (same budget)", "eva", "eva-uniform",
+     "test loss", lambda r: r["test_loss"], "lower"),
+    ("lora-intruders", "LoRA creates more intruder dimensions than full fine-tuning", "lora", "full",
+     "intruder dimensions (k = 10, ε = 0.5)", lambda r: r["intruders"]["total"], "higher"),
+)  # fmt: skip
 
 
-def _result(results: dict, cells: list[dict], label: str, lr: float | None) -> dict | None:
-    for c in cells:
-        if c["label"] == label and (lr is None or c["lr"] == lr) and c["id"] in results:
-            r = results[c["id"]]
-            return None if "skipped" in r else r
-    return None
+MEASURES = {"milora-preserves": "lee", "corda-kpa-preserves": "lee", "lora-intruders": "intruders"}
 
 
-def verdicts(plan: dict, results: dict, noise: float | None) -> list[dict]:
-    """[{"claim", "verdict", "evidence", "methods"}] for the five claims (see the module docstring)."""
-    info, cells = plan["methods"], plan["cells"]
-    center = lambda n: _center(info, n) if n in info else None  # noqa: E731
-    tol = noise if noise is not None else 0.0
-    rows = [_pissa_faster(results, cells, center, tol), _preserve(results, cells, center, "milora"),
-            _preserve(results, cells, center, "corda-kpa"), _fewer(results, info, "svft"),
-            _fewer(results, info, "svfit"), _eva(results, cells, center, tol), _intruders(results, cells, center)]  # fmt: skip
+def _resolve(arms: dict, label: str) -> str:
+    return label if label in arms or label != "pissa@corda-lr" else "pissa"  # PiSSA's LR is CorDA's: shared arm
+
+
+def plan(bench, shape: tuple[int, int], smallest: int | None = None) -> dict:
+    """The claims whose methods are all in the bench (every claim by default) and their arms' cells, one
+    per seed: {"methods": {}, "claims": [ids], "arms": {label: ...}, "cells": [...]}."""
+    arms = _arms(bench, smallest or min(shape))
+    wanted = set(bench.methods) if bench.methods else None
+    chosen, used, measures = [], {}, {}
+    for cid, _, better, other, *_ in CLAIMS:
+        labels = [_resolve(arms, better), _resolve(arms, other)]
+        if wanted is None or all(arms[x][0] in wanted for x in labels):
+            chosen.append(cid)
+            used.update({x: arms[x] for x in labels})
+            for x in labels:
+                measures.setdefault(x, set()).update({MEASURES[cid]} if cid in MEASURES else set())
+    seeds = range(bench.seed, bench.seed + bench.claim_seeds)
+    cells = [cell("base", {}, 0.0, bench.seed)]
+    cells += [cell(m, opts, lr, s, label, measures[label]) for label, (m, opts, lr) in used.items() for s in seeds]
+    return {"methods": {}, "claims": chosen, "arms": used, "cells": cells}
+
+
+def _values(results: dict, label: str, seeds, key) -> list[float] | None:
+    by_seed = {r["cell"]["seed"]: r for r in results.values() if r["cell"]["label"] == label and ok(r)}
+    if any(s not in by_seed for s in seeds):
+        return None
+    return [float(key(by_seed[s])) for s in seeds]
+
+
+def _ms(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def decide(better: list[float], other: list[float], direction: str, ratio: float | None = None) -> tuple[str, list[float]]:
+    """(verdict, per-seed differences) by the module's rule; ``ratio``: trainable count / LoRA's (comparable)."""
+    if direction == "comparable":
+        d = [b - o for b, o in zip(better, other)]  # the method's gap above LoRA
+        m, sd = statistics.fmean(d), statistics.stdev(d)
+        if ratio is not None and ratio > FEWER or m - 2 * sd > COMPARABLE_NATS:
+            return "does not hold", d
+        return ("holds" if m + 2 * sd <= COMPARABLE_NATS else "inconclusive"), d
+    d = [(o - b) if direction == "lower" else (b - o) for b, o in zip(better, other)]
+    m, sd = statistics.fmean(d), statistics.stdev(d)
+    if m > 0 and m > 2 * sd:
+        return "holds", d
+    return ("does not hold" if m < 0 and -m > 2 * sd else "inconclusive"), d
+
+
+def verdicts(the_plan: dict, results: dict, seeds) -> list[dict]:
+    rows, arms = [], the_plan["arms"]
+    for cid, claim, better, other, metric_name, metric, direction in CLAIMS:
+        if cid not in the_plan["claims"]:
+            continue
+        better, other = _resolve(arms, better), _resolve(arms, other)
+        row = {"id": cid, "claim": claim, "metric": metric_name, "better": better, "other": other,
+               "config": {x: {"method": arms[x][0], **arms[x][1], "lr": arms[x][2]} for x in (better, other)}}
+        a, b = _values(results, better, seeds, metric), _values(results, other, seeds, metric)
+        if a is None or b is None:
+            rows.append({**row, "verdict": "not run", "evidence": "missing runs (see the failures)"})
+            continue
+        pa = _values(results, better, seeds, lambda r: r["params"])
+        po = _values(results, other, seeds, lambda r: r["params"])
+        ratio = pa[0] / po[0] if direction == "comparable" else None
+        verdict, d = decide(a, b, direction, ratio)
+        rows.append({**row, "verdict": verdict, "better_values": a, "other_values": b, "diff": d,
+                     "evidence": f"{better} {_ms(a)} vs {other} {_ms(b)}; paired difference {_ms(d)}"
+                     + (f"; params {int(pa[0]):,} = {ratio:.3f}× LoRA's" if ratio is not None else "")})  # fmt: skip
     return rows
 
 
-def _row(claim, methods, verdict, evidence):
-    return {"claim": claim, "methods": methods, "verdict": verdict, "evidence": evidence}
+def markdown(bench, the_plan: dict, results: dict, rows: list[dict], errors: dict | None) -> str:
+    base = next((r for r in results.values() if r["cell"]["method"] == "base"), {})
+    out = [f"# svdkit bench --claims: {bench.model}", "",
+           f"Each claim at its paper configuration, {bench.claim_seeds} seeds (seeds {bench.seed}–"
+           f"{bench.seed + bench.claim_seeds - 1}, paired: both arms see the same batches), {bench.steps} steps × batch "
+           f"{bench.batch_size} of generated arithmetic problems; checkpoint chosen on a validation split of "
+           f"{bench.heldout_problems} problems, metrics on a separate test split of {bench.test_problems}; "
+           f"calibration on {bench.calibration_samples} held-apart problems. Values: mean ± sample standard "
+           f"deviation over the seeds.", "", f"Rule: {RULE}. {COMPARABLE_NATS} nats / ≤ {FEWER}× parameters for the "
+           "'far fewer parameters' claims (see svdkit/benchmarking/claims.py).", "",
+           f"Base model: test loss {base.get('test_loss', math.nan):.3f}, lee_background perplexity "
+           f"{base.get('lee_perplexity', math.nan):.2f}.", "",
+           "| claim | metric | evidence (mean ± sd over seeds) | verdict |", "|---|---|---|---|"]  # fmt: skip
+    out += [f"| {r['claim']} | {r['metric']} | {r['evidence']} | **{r['verdict']}** |" for r in rows]
+    out += ["", "Configurations:", ""]
+    out += [f"- {r['id']}: " + "; ".join(f"{k} = {json.dumps(v)}" for k, v in r["config"].items()) for r in rows]
+    if errors:
+        out += ["", "## Failed runs (run the same command to retry them)", ""]
+        out += [f"- {i}: {e['error']}" for i, e in sorted(errors.items())]
+    return "\n".join(out) + "\n"
 
 
-def _pissa_faster(results, cells, center, tol):
-    claim = "PiSSA converges faster than LoRA (same rank and LR)"
-    lora, pissa = _result(results, cells, "lora", center("lora")), _result(results, cells, "pissa-at-lora-lr", None)
-    if not (lora and pissa):
-        return _row(claim, "lora,pissa", "not run", "needs lora and pissa")
-    pairs = [(s, a, b) for (s, a), (_, b) in zip(pissa["curve"], lora["curve"])]
-    shown = ", ".join(f"step {s}: {a:.3f} vs {b:.3f}" for s, a, b in pairs)
-    ahead, behind = [a < b - tol for _, a, b in pairs], [a > b + tol for _, a, b in pairs]
-    verdict = "holds" if all(ahead) else ("does not hold" if any(behind) else "inconclusive at this scale")
-    return _row(claim, "lora,pissa", verdict, f"held-out loss PiSSA vs LoRA at lr {center('lora'):g}: {shown} (noise {tol:.4f})")
-
-
-def _preserve(results, cells, center, label):
-    method = label.split("-")[0]
-    claim = f"{label} preserves more base perplexity (lee_background) than PiSSA"
-    base = _result(results, cells, "base", None)
-    ours = _result(results, cells, label, center(method) if label == method else None)
-    pissa = _result(results, cells, "pissa", center("pissa"))
-    if not (base and ours and pissa and "lee_perplexity" in ours and "lee_perplexity" in pissa):
-        return _row(claim, f"{method},pissa", "not run", f"needs {method} and pissa")
-    b, a, p = base["lee_perplexity"], ours["lee_perplexity"], pissa["lee_perplexity"]
-    verdict = "holds" if a - b < p - b else "does not hold"
-    if abs((a - b) - (p - b)) < 0.01 * b:
-        verdict = "inconclusive at this scale"
-    return _row(claim, f"{method},pissa", verdict, f"perplexity base {b:.2f} → {label} {a:.2f}, PiSSA {p:.2f}")
-
-
-def _best(results, info, name):
-
-    best = best_by_method(results, info).get(name)
-    return None if best is None else best["result"]
-
-
-def _fewer(results, info, name):
-    claim = f"{name} reaches LoRA's loss with far fewer parameters"
-    ours, lora = _best(results, info, name), _best(results, info, "lora")
-    if not (ours and lora):
-        return _row(claim, f"{name},lora", "not run", f"needs {name} and lora")
-    gap, ratio = ours["best_heldout"] - lora["best_heldout"], ours["params"] / lora["params"]
-    few, close = ratio <= FEWER, gap <= COMPARABLE_NATS
-    verdict = "holds" if few and close else "does not hold"
-    return _row(claim, f"{name},lora", verdict, f"best held-out {ours['best_heldout']:.3f} vs LoRA {lora['best_heldout']:.3f} "
-                f"(gap {gap:+.3f}, comparable ≤ {COMPARABLE_NATS}); params {ours['params']:,} = {ratio:.3f}× LoRA's")  # fmt: skip
-
-
-def _eva(results, cells, center, tol):
-    claim = "EVA's rank redistribution beats uniform ranks (same budget)"
-    eva, uni = _result(results, cells, "eva", center("eva")), _result(results, cells, "eva-uniform", None)
-    if not (eva and uni):
-        return _row(claim, "eva", "not run", "needs eva (rho=2 and rho=1)")
-    gap = uni["best_heldout"] - eva["best_heldout"]
-    verdict = "inconclusive at this scale" if abs(gap) <= tol else ("holds" if gap > 0 else "does not hold")
-    return _row(claim, "eva", verdict, f"best held-out rho=2 {eva['best_heldout']:.3f} vs rho=1 {uni['best_heldout']:.3f}, "
-                f"params {eva['params']:,} vs {uni['params']:,}; noise {tol:.3f}")  # fmt: skip
-
-
-def _intruders(results, cells, center):
-    claim = "LoRA creates more intruder dimensions than full fine-tuning"
-    lora, full = _result(results, cells, "lora", center("lora")), _result(results, cells, "full", center("full"))
-    if not (lora and full and "intruders" in lora and "intruders" in full):
-        return _row(claim, "lora,full", "not run", "needs lora and full")
-    a, b = lora["intruders"], full["intruders"]
-    verdict = "holds" if a["total"] > b["total"] else ("does not hold" if a["total"] < b["total"] else "inconclusive at this scale")
-    return _row(claim, "lora,full", verdict, f"intruders (k=10, ε=0.5) over {a['layers']} matrices: LoRA {a['total']}, "
-                f"full FT {b['total']}")  # fmt: skip
+def write(out: Path, bench, the_plan: dict, results: dict, errors: dict | None = None) -> dict:
+    seeds = list(range(bench.seed, bench.seed + bench.claim_seeds))
+    rows = verdicts(the_plan, results, seeds)
+    write_text(out / "report.md", markdown(bench, the_plan, results, rows, errors))
+    summary = {"claims": rows, "seeds": seeds, "steps": bench.steps, "errors": sorted(errors or ())}
+    write_text(out / "summary.json", json.dumps(summary, indent=1, default=float) + "\n")
+    return summary

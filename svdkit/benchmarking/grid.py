@@ -5,9 +5,14 @@ count on the model's most common target shape is nearest LoRA's r(m+n) at the be
 seeded random matrix of that shape; data-aware methods take LoRA's rank; full-spectrum methods and
 methods whose count cannot come within 50% of the budget keep their paper defaults), with an LR sweep
 of ``lr_points`` values on a log grid of ratio ``lr_ratio`` centred on the method's ``lr`` ClassVar,
-the same data order, seeds and step budget. Cells run method by method in fresh processes
-(``svdkit.benchmarking.cell``); a cell with a ``result.json`` is never recomputed. After the grid, the top
-methods (and LoRA) run again with ``noise_seeds - 1`` more seeds at their best LR: the seed-to-seed noise.
+the same data order, seeds and step budget. Where the LR chosen on the validation split sits at an edge of
+its sweep, the sweep is extended one point past that edge at a time, up to ``lr_extend`` points per side
+(rows still at an edge then are marked "capped"). Cells run method by method in fresh processes
+(``svdkit.benchmarking.cell``); a cell with a ``result.json`` is never recomputed, a failed one (its
+``error.json``) is retried. After the grid, the ``top`` methods by the winner metric (test accuracy among the
+methods whose test loss beats the base model's; see report.py) and LoRA run again with ``noise_seeds - 1``
+more seeds at their chosen LR: the seed-to-seed noise. ``claims=True`` runs the papers' claims instead
+(claims.py): each at its paper configuration, ``claim_seeds`` seeds, ``steps`` steps.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from svdkit.core.registry import config, method_class, methods
-from svdkit.core.files import write_text
+from svdkit.core.registry import Refused, config, method_class, methods
+from svdkit.core.files import mark, remove_output, write_text
 from svdkit.benchmarking import bigbench, claims
-from svdkit.benchmarking.results import best_by_method, cell
-from svdkit.benchmarking.cell import RESULT
+from svdkit.benchmarking.results import best_by_method, beyond, cell
+from svdkit.benchmarking.cell import ERROR, RESULT
 
 QUICK_METHODS = ("lora", "pissa", "svfit", "full")
 
@@ -45,27 +50,32 @@ class BenchConfig:
     eval_every: int = 5
     lr_points: int = 3
     lr_ratio: float = math.sqrt(10)
+    lr_extend: int = 3  # at most this many LR points added past each edge of the sweep
     seed: int = 0
     noise_seeds: int = 2  # seeds run by the top methods (and LoRA) at their best LR
     top: int = 3
     data_seed: int = 0
     train_problems: int = 2000
-    heldout_problems: int = 32
+    heldout_problems: int = 32  # the validation split: chooses the LR and the checkpoint
+    test_problems: int = 32  # the test split: the reported loss
     accuracy: str = "bigbench"  # "bigbench" (downloads the sdist once) or "generated" (offline / tests)
     per_task: int = 8  # questions per BIG-bench arithmetic subtask (8 subtasks: 1–2 digits × 4 operations)
     max_new_tokens: int = 6
     lee_blocks: int = 16  # 128-token blocks of lee_background for the perplexity-preservation claim
-    calibration_samples: int = 64
+    calibration_samples: int = 64  # held apart from the training data (not in the step budget)
     intruder_layers: int = 12
-    claims: bool = True
+    claims: bool = False  # True: run the papers' claims (claims.py) instead of the method grid
+    claim_seeds: int = 3
 
     def __post_init__(self):
         if self.lr_points < 3:
             raise ValueError(f"lr_points must be at least 3 (a log grid around the method's LR), got {self.lr_points}.")
         if self.accuracy not in ("bigbench", "generated"):
             raise ValueError(f"accuracy must be 'bigbench' or 'generated', got {self.accuracy!r}.")
-        if self.noise_seeds < 1 or self.steps < 1 or self.eval_every < 1:
-            raise ValueError("noise_seeds, steps and eval_every must be positive.")
+        if self.noise_seeds < 1 or self.steps < 1 or self.eval_every < 1 or self.lr_extend < 0:
+            raise ValueError("noise_seeds, steps and eval_every must be positive, lr_extend >= 0.")
+        if self.claim_seeds < 3:
+            raise ValueError(f"claim_seeds must be at least 3 (a spread needs seeds), got {self.claim_seeds}.")
         for name in self.methods or ():
             method_class(name)
 
@@ -76,6 +86,11 @@ class BenchConfig:
                     lee_blocks=8, intruder_layers=6)  # fmt: skip
         return cls(**{**base, **changes})
 
+    @classmethod
+    def claims_suite(cls, **changes) -> "BenchConfig":
+        """The papers' claims at the scale that decides them: 3 seeds, 40 steps, evaluation every 10."""
+        return cls(**{**dict(claims=True, steps=40, eval_every=10, claim_seeds=3), **changes})
+
     def method_list(self) -> list[str]:
         return list(self.methods) if self.methods else methods()
 
@@ -85,15 +100,29 @@ class BenchConfig:
 
 
 # -- the matched budget ----------------------------------------------------------------------------
-def _probe_count(name: str, options: dict, shape: tuple[int, int]) -> int:
+def rank_options(name: str, rank: int) -> dict:
+    """``{"rank": rank}`` plus the options that must follow the rank: AdaLoRA's ``target_r`` keeps its
+    default ratio to the initial rank (8/12), so the run prunes as much as the default does."""
+    cls = method_class(name)
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    if "target_r" in fields:
+        return {"rank": rank, "target_r": max(1, round(rank * fields["target_r"] / fields["rank"]))}
+    return {"rank": rank}
+
+
+def _probe_count(name: str, options: dict, shape: tuple[int, int]) -> int | None:
+    """Trainable count of one (m, n) layer under ``options``; None when the method refuses them."""
     from svdkit.adapters.api import build_layer
 
     m, n = shape
     linear = torch.nn.Linear(n, m, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(m, n, generator=torch.Generator().manual_seed(0)) / math.sqrt(n))
-    cfg = config(name, **options)
-    layer = build_layer(linear, cfg, cfg.initialize(linear.weight.detach()[None], ["probe"]), 0)
+    try:
+        cfg = config(name, **options)
+        layer = build_layer(linear, cfg, cfg.initialize(linear.weight.detach()[None], ["probe"]), 0)
+    except Refused:
+        return None
     return sum(p.numel() for _, p in layer.adapter_parameters())
 
 
@@ -116,51 +145,67 @@ def matched_options(name: str, bench: BenchConfig, shape: tuple[int, int]) -> tu
     if cls.uses_calibration:
         return {"rank": bench.rank, **svd}, f"rank {bench.rank} (data-aware: LoRA's rank)"
     target, top = bench.rank * sum(shape), min(shape) - 1
-    try:
-        lo, hi = 1, top
-        while lo < hi:  # smallest rank whose count reaches the budget
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if _probe_count(name, {"rank": mid, **svd}, shape) < target else (lo, mid)
-        best = min((max(1, lo - 1), lo), key=lambda r: abs(_probe_count(name, {"rank": r, **svd}, shape) - target))
-        count = _probe_count(name, {"rank": best, **svd}, shape)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        return svd, f"paper default (probe failed: {exc})"
-    if abs(count / target - 1) > 0.5:
-        return svd, f"paper default (nearest count {count} vs budget {target})"
-    return {"rank": best, **svd}, f"rank {best} ({count} vs budget {target} per {shape[0]}×{shape[1]})"
+    count_at = lambda r: _probe_count(name, {**rank_options(name, r), **svd}, shape)  # noqa: E731
+    lo, hi = 1, top
+    while lo < hi:  # smallest rank whose count reaches the budget (a refused rank counts as too small)
+        mid = (lo + hi) // 2
+        c = count_at(mid)
+        lo, hi = (mid + 1, hi) if c is None or c < target else (lo, mid)
+    counts = {r: count_at(r) for r in {max(1, lo - 1), lo}}
+    counts = {r: c for r, c in counts.items() if c is not None}
+    if not counts:
+        return svd, "paper default (refuses every rank near the budget)"
+    best = min(counts, key=lambda r: abs(counts[r] - target))
+    if abs(counts[best] / target - 1) > 0.5:
+        return svd, f"paper default (nearest count {counts[best]} vs budget {target})"
+    return {**rank_options(name, best), **svd}, f"rank {best} ({counts[best]} vs budget {target} per {shape[0]}×{shape[1]})"
 
 
-def common_shape(model_name: str) -> tuple[int, int]:
+def target_shapes(model_name: str) -> tuple[tuple[int, int], int]:
+    """(the most common all-linear target shape, the smallest target dimension) of the model."""
     from svdkit.adapters.layers import weight_matrix
     from svdkit.core.models import load_model
     from svdkit.core.targets import select_targets
 
     model, _ = load_model(model_name)
     shapes = Counter(tuple(weight_matrix(mod).shape) for _, mod in select_targets(model, "all-linear", None))
-    return shapes.most_common(1)[0][0]
+    return shapes.most_common(1)[0][0], min(min(shape) for shape in shapes)
 
 
 # -- the plan --------------------------------------------------------------------------------------
-def plan(bench: BenchConfig, shape: tuple[int, int]) -> dict:
-    """{"methods": {name: {"options", "budget", "lrs"}}, "cells": [...]} — phase 1 (grid + claim cells)."""
+def plan(bench: BenchConfig, shape: tuple[int, int], smallest: int | None = None) -> dict:
+    """{"methods": {name: {"options", "budget", "lrs"}}, "cells": [...]}: the grid's first phase, or the
+    claims' cells (``bench.claims``; ``smallest``: the smallest target dimension, SVFit's rank cap)."""
+    if bench.claims:
+        return claims.plan(bench, shape, smallest)
     info, cells = {}, [cell("base", {}, 0.0, bench.seed)]
     for name in bench.method_list():
         options, budget = matched_options(name, bench, shape)
         lrs = bench.lr_grid(method_class(name).lr)
         info[name] = {"options": options, "budget": budget, "lrs": lrs}
         cells += [cell(name, options, lr, bench.seed) for lr in lrs]
-    if bench.claims:
-        cells = claims.extra_cells(bench, info, cells)
     return {"methods": info, "cells": cells}
 
 
+def extension_cells(bench: BenchConfig, results: dict, info: dict) -> list[dict]:
+    """One more LR past the edge for every method whose chosen LR is at an edge of its sweep, while fewer
+    than ``lr_extend`` points were added on that side."""
+    out = []
+    for name, b in best_by_method(results, info).items():
+        lr, grid_lrs = beyond(b, bench.lr_ratio), info[name]["lrs"]
+        added = [x for x in b["sweep"] if x > max(grid_lrs)] if lr and lr > b["lr"] else \
+            [x for x in b["sweep"] if x < min(grid_lrs)]  # fmt: skip
+        if lr is not None and len(added) < bench.lr_extend:
+            out.append(cell(name, info[name]["options"], lr, bench.seed))
+    return out
+
+
 def noise_cells(bench: BenchConfig, results: dict, info: dict) -> list[dict]:
-    """Phase 2: the top adapter methods (and LoRA) at their best LR with the further seeds."""
+    """Phase 2: the top adapter methods by the winner metric (and LoRA) at their chosen LR, further seeds."""
+    from svdkit.benchmarking.report import ranking
 
     best = best_by_method(results, info)
-    ranked = sorted((b["best_heldout"], name) for name, b in best.items()
-                    if math.isfinite(b["best_heldout"]) and name != "full")  # the reference row needs no noise
-    names = [name for _, name in ranked[: bench.top]] + (["lora"] if "lora" in best else [])
+    names = ranking(results, best)[: bench.top] + (["lora"] if "lora" in best else [])
     out = []
     for name in dict.fromkeys(names):
         for k in range(1, bench.noise_seeds):
@@ -171,6 +216,16 @@ def noise_cells(bench: BenchConfig, results: dict, info: dict) -> list[dict]:
 # -- running ---------------------------------------------------------------------------------------
 def load_results(out: Path) -> dict:
     return {json.loads(p.read_text())["cell"]["id"]: json.loads(p.read_text()) for p in (out / "cells").rglob(RESULT)}
+
+
+def load_errors(out: Path) -> dict:
+    """{cell id: error record} of the cells that failed and have no result yet (retried on resume)."""
+    found = {}
+    for p in (out / "cells").rglob(ERROR):
+        if not (p.parent / RESULT).is_file():
+            record = json.loads(p.read_text())
+            found[record["cell"]["id"]] = record
+    return found
 
 
 def _run_groups(cells: list[dict], bench: BenchConfig, out: Path, bar, log, processes: bool = True) -> None:
@@ -230,7 +285,9 @@ def _check_same(out: Path, bench: BenchConfig) -> None:
             raise ValueError(f"{out} holds a bench with different settings ({', '.join(diff)}); "
                              "use another --out, or --fresh to start over.")  # fmt: skip
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        if not out.exists() or not any(out.iterdir()):  # a folder of the user's own is never marked replaceable
+            out.mkdir(parents=True, exist_ok=True)
+            mark(out)
         write_text(path, json.dumps(now, indent=1) + "\n")
 
 
@@ -242,24 +299,32 @@ def run(bench: BenchConfig, out, *, fresh=False, progress=None, log=print, proce
     from svdkit.benchmarking import report
 
     out = Path(out)
-    if fresh and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    if fresh:
+        remove_output(out)  # only a folder svdkit wrote, never the current/home directory or their ancestors
     _check_same(out, bench)
     _questions(bench, out, log)
     plan_path = out / "plan.json"
     if not plan_path.is_file():
-        write_text(plan_path, json.dumps(plan(bench, common_shape(bench.model)), indent=1) + "\n")
+        write_text(plan_path, json.dumps(plan(bench, *target_shapes(bench.model)), indent=1) + "\n")
     the_plan = json.loads(plan_path.read_text())
-    expected = len(the_plan["cells"]) + (bench.noise_seeds - 1) * (bench.top + 1)
+    info = the_plan["methods"]
+    expected = len(the_plan["cells"]) + (0 if bench.claims else (bench.noise_seeds - 1) * (bench.top + 1))
     with tqdm(total=expected, desc="svdkit bench", unit="run", disable=None if progress is None else not progress) as bar:
         _run_groups(the_plan["cells"], bench, out, bar, log, processes)
-        results = load_results(out)
-        extra = noise_cells(bench, results, the_plan["methods"])
-        bar.total = len(the_plan["cells"]) + len(extra)
-        _run_groups(extra, bench, out, bar, log, processes)
-    results = load_results(out)
-    summary = report.write(out, bench, the_plan, results)
-    log(f"svdkit bench: report in {out / 'report.md'}, curves in {out / 'curves.png'}")
+        if not bench.claims:
+            for _ in range(bench.lr_extend):  # each round adds at most one point per method and side
+                extra = extension_cells(bench, load_results(out), info)
+                if not extra:
+                    break
+                bar.total += len(extra)
+                _run_groups(extra, bench, out, bar, log, processes)
+            extra = noise_cells(bench, load_results(out), info)
+            bar.total = bar.n + len(extra)
+            _run_groups(extra, bench, out, bar, log, processes)
+    results, errors = load_results(out), load_errors(out)
+    if errors:
+        log(f"svdkit bench: {len(errors)} run(s) failed (listed in the report; run the same command to retry): "
+            + ", ".join(sorted(errors)))  # fmt: skip
+    summary = (claims.write if bench.claims else report.write)(out, bench, the_plan, results, errors)
+    log(f"svdkit bench: report in {out / 'report.md'}")
     return summary

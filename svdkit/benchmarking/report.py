@@ -1,5 +1,13 @@
-"""report.md (the table, the LR sweep, the winner and its margin over LoRA against seed noise, the claims)
-and curves.png (held-out loss vs step, one line per method at its best LR)."""
+"""report.md (the table, the LR sweeps, the winner against the seed noise and the accuracy intervals, the
+failures) and curves.png (validation loss vs step, one line per method at its chosen LR) of the method grid.
+
+Selection and reporting are separate: the LR and the checkpoint are chosen on the validation split, the
+table reports the test split's loss and the accuracy questions at that checkpoint. The winner metric,
+fixed before any run: the highest test accuracy among the adapter methods whose test loss is below the
+untrained base model's (full fine-tuning is the reference row, not a contender); ties by the lower test
+loss. Accuracy comes with its Wilson 95 % interval: a lead inside the runner-up's interval is reported as
+not separated.
+"""
 
 from __future__ import annotations
 
@@ -8,76 +16,123 @@ import math
 from pathlib import Path
 
 from svdkit.core.files import write_text
-from svdkit.benchmarking import claims
-from svdkit.benchmarking.results import best_by_method, seed_spreads
+from svdkit.benchmarking.results import accuracy_ci, best_by_method, capped, edge, seed_spreads
+
+# the same computation on the default model, so never two independent results (see the report's note)
+SAME_COMPUTATION = {("clip-svd", "vectorfit"): "VectorFit = CLIP-SVD here: the target linears have no biases "
+                    "(no Δb) and Adaptive Vector Freezing never fires within the bench's steps, so both train "
+                    "exactly the singular values of every target: one result, not two."}  # fmt: skip
 
 
 def _fmt(x, spec=".3f"):
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def _acc(r):
-    return None if r is None or "accuracy" not in r else 100 * r["accuracy"]["accuracy"]
+def _base(results: dict) -> dict:
+    return next((r for r in results.values() if r["cell"]["method"] == "base"), {})
 
 
-def summarize(plan: dict, results: dict) -> dict:
+def ranking(results: dict, best: dict) -> list[str]:
+    """Adapter methods in winner-metric order: those with a test loss below the base model's first, by test
+    accuracy (higher first), then by test loss; full fine-tuning (the reference) is left out."""
+    base_loss = _base(results).get("test_loss", math.inf)
+
+    def key(name):
+        r = best[name]["result"]
+        acc = r["accuracy"]["accuracy"] if "accuracy" in r else -1.0
+        return (not r["test_loss"] < base_loss, -acc, r["test_loss"])
+
+    return sorted((n for n, b in best.items() if n != "full" and math.isfinite(b["val_loss"])), key=key)
+
+
+def identical(best: dict) -> list[tuple[str, str]]:
+    """Pairs of methods whose chosen runs computed the same thing (equal validation curves and counts)."""
+    names, pairs = sorted(best), []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ra, rb = best[a]["result"], best[b]["result"]
+            if ra["params"] == rb["params"] and ra["curve"] == rb["curve"] and best[a]["lr"] == best[b]["lr"]:
+                pairs.append((a, b))
+    return pairs
+
+
+def summarize(plan: dict, results: dict, capped_names: set | None = None) -> dict:
     info = plan["methods"]
     best = best_by_method(results, info)
-    spreads = seed_spreads(results, best)
-    noise = max(spreads.values()) if spreads else None
-    adapters = {n: b for n, b in best.items() if n != "full" and math.isfinite(b["best_heldout"])}
-    winner = min(adapters, key=lambda n: adapters[n]["best_heldout"]) if adapters else None
-    margin = (best["lora"]["best_heldout"] - best[winner]["best_heldout"]) if winner and "lora" in best else None
-    return {"best": best, "spreads": spreads, "noise": noise, "winner": winner, "margin": margin,
-            "exceeds_noise": None if margin is None or noise is None else margin > noise,
-            "claims": claims.verdicts(plan, results, noise)}  # fmt: skip
+    order = ranking(results, best)
+    winner = order[0] if order else None
+    runner = order[1] if len(order) > 1 else None
+    ci = {n: accuracy_ci(b["result"]) for n, b in best.items()}
+    separated = None
+    if winner and runner and ci[winner] and ci[runner]:
+        separated = ci[runner][0] < ci[winner][1]  # the runner-up's accuracy below the winner's interval
+    return {"best": best, "spreads": seed_spreads(results, best), "winner": winner, "runner_up": runner,
+            "separated": separated, "ci": ci, "capped": sorted(capped_names or ()), "identical": identical(best)}  # fmt: skip
 
 
-def _table(info, best, winner) -> list[str]:
-    lines = ["| method | budget | best LR | best held-out loss | accuracy % | trainable params | init s | median step s | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name in sorted(best, key=lambda n: best[n]["best_heldout"]):
-        b, r = best[name], best[name]["result"]
-        mark = " **(winner)**" if name == winner else (" (reference)" if name == "full" else "")
-        lines.append(f"| {name}{mark} | {info[name]['budget']} | {b['lr']:.3g}{_edge(b)} | {_fmt(b['best_heldout'])} | {_fmt(_acc(r), '.1f')} "
-                     f"| {r['params']:,} | {_fmt(r['init_s'], '.2f')} | {_fmt(r['step_s_median'], '.3f')} | {_fmt(r['peak_mib'], '.0f')} |")  # fmt: skip
-    return lines
+def _row(name, b, info, s, winner) -> str:
+    r, ci = b["result"], s["ci"][name]
+    mark = " **(winner)**" if name == winner else (" (reference)" if name == "full" else "")
+    lr = f"{b['lr']:.3g}{edge(b)}" + (" capped" if name in s["capped"] else "")
+    acc = "—" if ci is None else f"{ci[0]:.1f} [{ci[1]:.0f}, {ci[2]:.0f}]"
+    return (f"| {name}{mark} | {info[name]['budget']} | {lr} | {_fmt(b['val_loss'])} (step {r['best_step']}) "
+            f"| {_fmt(r['test_loss'])} | {acc} | {r['params']:,} | {_fmt(r['init_s'], '.2f')} "
+            f"| {_fmt(r['step_s_median'], '.3f')} | {_fmt(r['peak_mib'], '.0f')} |")  # fmt: skip
 
 
-def _edge(b: dict) -> str:
-    """↑ / ↓ when the best LR is the largest / smallest of the sweep (the optimum may lie outside it)."""
-    lrs = sorted(b["sweep"])
-    return "" if len(lrs) < 2 else "↑" if b["lr"] == lrs[-1] else "↓" if b["lr"] == lrs[0] else ""
-
-
-def markdown(bench, plan: dict, results: dict, s: dict) -> str:
-    info, best = plan["methods"], s["best"]
-    base = next((r for r in results.values() if r["cell"]["method"] == "base"), {})
+def markdown(bench, plan: dict, results: dict, s: dict, errors: dict | None = None) -> str:
+    info, best, base = plan["methods"], s["best"], _base(results)
     source = "BIG-bench arithmetic (1–2 digits × +, −, ×, ÷)" if bench.accuracy == "bigbench" else "generated direct questions"
+    base_ci = accuracy_ci(base)
     out = [f"# svdkit bench: {bench.model}", "",
-           f"{bench.steps} steps × batch {bench.batch_size} of generated arithmetic word problems (seed {bench.data_seed}); "
-           f"held-out loss on {bench.heldout_problems} other generated problems every {bench.eval_every} steps; "
-           f"exact-match accuracy on {source}, {bench.per_task} questions per subtask, greedy, {bench.max_new_tokens} new tokens; "
-           f"budget: LoRA rank {bench.rank}; LR grid: {bench.lr_points} values × {bench.lr_ratio:.3g} around each method's paper LR.", "",
-           f"Base model (floor): held-out loss {_fmt(base.get('heldout_loss'))}, zero-shot accuracy {_fmt(_acc(base), '.1f')} %, "
-           f"lee_background perplexity {_fmt(base.get('lee_perplexity'), '.2f')}.", "", *_table(info, best, s["winner"]), "",
-           "↑ / ↓: the best LR is the largest / smallest of the method's sweep, so its optimum may lie outside the "
-           "grid (widen it with --lr-ratio or --lr-points).", ""]  # fmt: skip
-    out += ["## Best LR per method (best held-out loss at each LR of the sweep)", "", "| method | sweep |", "|---|---|"]
+           f"{bench.steps} steps × batch {bench.batch_size} of generated arithmetic word problems (seed {bench.data_seed}). "
+           f"**Selection vs reporting**: the LR and the checkpoint (evaluated every {bench.eval_every} steps) are chosen "
+           f"on a validation split of {bench.heldout_problems} problems; the table reports a separate test split of "
+           f"{bench.test_problems} problems and exact-match accuracy on {source} ({bench.per_task} per subtask, greedy, "
+           f"{bench.max_new_tokens} new tokens) at that checkpoint. **Budget**: LoRA rank {bench.rank}; every method "
+           f"takes the same {bench.steps} steps on the same batches; the data-aware methods' calibration "
+           f"({bench.calibration_samples} examples, LoRA-One's/LoRA-GA's gradient step included) uses held-apart "
+           f"problems that no method trains on, and is not counted in the step budget. LR grid: {bench.lr_points} "
+           f"values × {bench.lr_ratio:.3g} around each method's paper LR, extended past an edge up to "
+           f"{bench.lr_extend} points per side. Every row is a single run (seed {bench.seed}); 'step s' is the "
+           f"median over that run's steps.", "",
+           f"Base model (floor): validation loss {_fmt(base.get('val_loss'))}, test loss {_fmt(base.get('test_loss'))}, "
+           f"zero-shot accuracy {'—' if base_ci is None else f'{base_ci[0]:.1f} % [{base_ci[1]:.0f}, {base_ci[2]:.0f}]'}, "
+           f"lee_background perplexity {_fmt(base.get('lee_perplexity'), '.2f')}.", "",
+           "| method | budget | chosen LR | val loss (checkpoint) | test loss | test accuracy % [95 % CI] | trainable params "
+           "| init s | step s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    order = ranking(results, best) + [n for n in sorted(best) if n not in ranking(results, best)]
+    out += [_row(n, best[n], info, s, s["winner"]) for n in order]
+    out += ["", "↑ / ↓: the chosen LR is the largest / smallest of the sweep; 'capped': still at the edge after "
+            f"{bench.lr_extend} added points (its optimum may lie beyond). Rows are in winner-metric order.", ""]
+    for pair in s["identical"]:
+        note = SAME_COMPUTATION.get(tuple(sorted(pair)), "the same computation on this model")
+        out += [f"Note ({' = '.join(pair)}): {note}", ""]
+    out += ["## LR sweeps (validation loss at each LR)", "", "| method | sweep |", "|---|---|"]
     out += [f"| {n} | " + ", ".join(f"{lr:.3g}: {_fmt(v)}" + (" ←" if lr == b["lr"] else "") for lr, v in sorted(b["sweep"].items())) + " |"
             for n, b in sorted(best.items())]  # fmt: skip
-    out += ["", "## Winner", ""]
-    if s["winner"]:
-        noise = "not measured" if s["noise"] is None else f"{s['noise']:.4f} (largest seed-to-seed spread: " + \
-            ", ".join(f"{n} {v:.4f}" for n, v in sorted(s["spreads"].items())) + ")"  # fmt: skip
-        exceeds = {True: "exceeds", False: "does not exceed", None: "cannot be compared with"}[s["exceeds_noise"]]
-        out.append(f"**{s['winner']}**: best held-out loss {best[s['winner']]['best_heldout']:.4f}; margin over LoRA "
-                   f"{_fmt(s['margin'], '+.4f')} nats, which {exceeds} the seed-to-seed noise {noise}.")  # fmt: skip
-    out += ["", "## The papers' claims at this scale", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    out += [f"| {c['claim']} | {c['verdict']} | {c['evidence']} |" for c in s["claims"]]
+    out += ["", "## Winner (metric fixed in advance)", "",
+            "Highest test accuracy among the adapter methods whose test loss is below the base model's; ties by test loss."]
+    w = s["winner"]
+    if w:
+        ci, sep = s["ci"][w], s["separated"]
+        runner = s["runner_up"]
+        verdict = {True: "is outside", False: "is inside", None: "cannot be compared with"}[sep]
+        out.append(f"\n**{w}**: test accuracy {ci[0]:.1f} % [{ci[1]:.0f}, {ci[2]:.0f}], test loss "
+                   f"{best[w]['result']['test_loss']:.3f}. The runner-up ({runner or '—'}) {verdict} this interval"
+                   + ("" if sep else ": the bench does not separate them") + ".")  # fmt: skip
+    if s["spreads"]:
+        out += ["", "Seed-to-seed spread at the chosen LR (sample standard deviation over the seeds):", ""]
+        out += [f"- {n}: test loss ± {v['test_loss']:.4f}, accuracy ± {_fmt(v['accuracy'], '.1f')} points ({v['seeds']} seeds)"
+                for n, v in sorted(s["spreads"].items())]  # fmt: skip
+    out += ["", "The papers' claims are decided by `svdkit bench --claims` (several seeds, each claim's paper "
+            "configuration), not by this grid."]
     skipped = sorted((r["cell"]["id"], r["skipped"]) for r in results.values() if "skipped" in r)
     if skipped:
-        out += ["", "## Skipped", ""] + [f"- {i}: {why}" for i, why in skipped]
+        out += ["", "## Refused configurations", ""] + [f"- {i}: {why}" for i, why in skipped]
+    if errors:
+        out += ["", "## Failed runs (not results: run the same command to retry them)", ""]
+        out += [f"- {i}: {e['error']}" for i, e in sorted(errors.items())]
     return "\n".join(out) + "\n"
 
 
@@ -94,27 +149,29 @@ def plot(path: Path, best: dict, base_loss: float | None) -> None:
         if base_loss is not None:
             points = [(0, base_loss)] + points
         if base_loss is not None and min(v for _, v in points[1:] or points) > 1.5 * base_loss:
-            cut.append(name)  # diverged or destroyed at init (NLoRA's pinv init, …): off the chart, listed in the title
+            cut.append(name)  # diverged or destroyed at init: off the chart, listed in the title
         ax.plot(*zip(*points), marker="o", markersize=3, label=f"{name} (lr {b['lr']:.2g})",
                 linestyle="-" if name == "full" else styles[i % len(styles)], linewidth=2.5 if name == "full" else 1.2)
-    title = "held-out loss at each method's best LR"
+    title = "validation loss at each method's chosen LR"
     if base_loss is not None:
         ax.set_ylim(top=1.3 * base_loss)
         title += f"\n(off the chart, above {1.5 * base_loss:.2f}: {', '.join(cut)})" if cut else ""
-    ax.set(xlabel="step", ylabel="held-out loss", title=title)
+    ax.set(xlabel="step", ylabel="validation loss", title=title)
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write(out: Path, bench, plan: dict, results: dict) -> dict:
-    s = summarize(plan, results)
-    write_text(out / "report.md", markdown(bench, plan, results, s))
-    base = next((r for r in results.values() if r["cell"]["method"] == "base"), {})
+def write(out: Path, bench, plan: dict, results: dict, errors: dict | None = None) -> dict:
+    best = best_by_method(results, plan["methods"])
+    s = summarize(plan, results, capped(bench.lr_extend, best, plan["methods"]))
+    write_text(out / "report.md", markdown(bench, plan, results, s, errors))
     if s["best"]:
-        plot(out / "curves.png", s["best"], base.get("heldout_loss"))
+        plot(out / "curves.png", s["best"], _base(results).get("val_loss"))
     slim = {k: v for k, v in s.items() if k != "best"}
-    slim["best"] = {n: {"lr": b["lr"], "best_heldout": b["best_heldout"], "cell": b["result"]["cell"]["id"]} for n, b in s["best"].items()}
+    slim["best"] = {n: {"lr": b["lr"], "val_loss": b["val_loss"], "test_loss": b["result"]["test_loss"],
+                        "cell": b["result"]["cell"]["id"]} for n, b in s["best"].items()}  # fmt: skip
+    slim["errors"] = sorted(errors or ())
     write_text(out / "summary.json", json.dumps(slim, indent=1, default=float) + "\n")
     return slim

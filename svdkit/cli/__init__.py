@@ -12,7 +12,7 @@ import sys
 
 from svdkit import __version__
 
-COMMANDS = ("methods", "finetune", "demo", "bench")
+COMMANDS = ("methods", "finetune", "export", "demo", "bench", "inspect", "compress", "merge", "pretrain")
 # What a user did wrong (bad option, missing file, refused folder): printed as one line, exit 2. Anything
 # else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError)

@@ -21,6 +21,8 @@ _FIELDS = {
     "svd": (str, "exact or randomized SVD for the truncated-SVD methods"),
     "accuracy": (str, "bigbench (downloads the bigbench 1.0.0 sdist once) or generated (offline)"),
     "per_task": (int, "BIG-bench questions per arithmetic subtask"),
+    "lr_extend": (int, "LR points added past an edge of a method's sweep, at most, per side"),
+    "claim_seeds": (int, "seeds per claim arm with --claims (at least 3)"),
 }
 
 
@@ -34,9 +36,10 @@ def add_parser(sub) -> None:
                    "lora,pissa,svfit,full)")  # fmt: skip
     add_field_options(b, _FIELDS, defaults)
     b.add_argument("--quick", action="store_true", help="4 methods, 10 steps, 32 questions: under 5 minutes")
-    b.add_argument("--no-claims", action="store_true", help="skip the papers' claim checks and their extra runs")
+    b.add_argument("--claims", action="store_true", help="run the papers' claims instead of the grid: each at "
+                   "its paper configuration, 3 seeds, 40 steps, with a verdict by a stated rule")  # fmt: skip
     b.add_argument("--out", default="runs/bench", help="bench folder; finished runs in it are not recomputed (default runs/bench)")
-    b.add_argument("--fresh", action="store_true", help="delete --out first and start over")
+    b.add_argument("--fresh", action="store_true", help="delete --out (a bench folder svdkit wrote) first and start over")
 
 
 def run(args) -> int:
@@ -45,7 +48,7 @@ def run(args) -> int:
     options = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
     if args.methods:
         options["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.no_claims:
-        options["claims"] = False
+    if args.claims:
+        options["claims"] = True
     bench(args.out, quick=args.quick, fresh=args.fresh, **options)
     return 0

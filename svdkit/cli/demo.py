@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     d.add_argument("--targets", default="all-linear", help="preset (all-linear, attention, mlp) or regex")
     d.add_argument("--steps", type=int, default=5)
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out folder that svdkit wrote")
 
 
 def run(args) -> int:

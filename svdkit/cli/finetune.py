@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from svdkit.cli.options import add_field_options
 
@@ -31,6 +32,8 @@ _FT_FIELDS = {
     "calibration_data": (str, "data-aware methods (corda, eva, lora-one, ...): named dataset or JSONL file to calibrate on"),
     "calibration_samples": (int, "data-aware methods: calibration examples"),
     "calibration_file": (str, "data-aware methods: reuse a run's saved calibration.safetensors"),
+    "optimizer": (str, "train with an optim method instead of AdamW, e.g. --method full --optimizer galore (see `svdkit methods --kind optim`)"),
+    "monitor": (str, "'spectral': log per-layer spectral alignment and the adapter update's top σ, warn before a loss explosion"),
 }
 # options that go into the method's own config
 _METHOD_FIELDS = {
@@ -49,26 +52,33 @@ def add_parser(sub) -> None:
     from svdkit.training.finetune import FinetuneConfig
 
     defaults = {fld.name: fld.default for fld in dataclasses.fields(FinetuneConfig)}
-    shown = {"lr": "the method's paper value", "weight_decay": "the method's", "warmup": "3%% of the steps",
+    shown = {"rank": "the method's", "lr": "the method's paper value", "weight_decay": "the method's", "warmup": "3%% of the steps",
              "calibration_data": "the training data", "calibration_samples": "the method's paper value",
-             "calibration_file": "compute"}  # fmt: skip
+             "calibration_file": "compute", "optimizer": "AdamW", "monitor": "off"}  # fmt: skip
     add_field_options(f, _FT_FIELDS, {**defaults, **shown})
     add_field_options(f, _METHOD_FIELDS, dict.fromkeys(_METHOD_FIELDS, "the method's"))
     f.add_argument("--merge", action="store_true", default=None, help="also write the merged model (Hugging Face folder)")
     f.add_argument("--skip-malformed", action="store_true", default=None, help="skip malformed JSONL lines (counted)")
     f.add_argument("--config", help="a run's config.json (or YAML) to start from; other options override it")
     f.add_argument("--out", default="runs/finetune", help="run folder (default runs/finetune)")
-    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, with "
+                   "the config saved there (options given here must agree with it)")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder that svdkit wrote")
     f.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if there is one, else cpu)")
 
 
 def finetune_config(args):
     import dataclasses
 
-    from svdkit.training.finetune import FinetuneConfig
+    from svdkit.training.finetune import CONFIG, FinetuneConfig
 
-    cfg = FinetuneConfig.from_file(args.config) if args.config else FinetuneConfig()
+    saved = Path(args.out) / CONFIG
+    if args.config:
+        cfg = FinetuneConfig.from_file(args.config)
+    elif args.resume and saved.is_file():  # the run folder holds its config: only typed options change it
+        cfg = FinetuneConfig.from_file(saved)
+    else:
+        cfg = FinetuneConfig()
     changes = {k: getattr(args, k) for k in (*_FT_FIELDS, "merge", "skip_malformed") if getattr(args, k) is not None}
     options = {k: getattr(args, k) for k in _METHOD_FIELDS if getattr(args, k) is not None}
     if options:

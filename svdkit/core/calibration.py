@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from svdkit.core.distributed import rank_and_world
-from svdkit.core.fingerprint import tensor_fingerprint
+from svdkit.core.fingerprint import compare, tensor_fingerprint
 from svdkit.adapters.layers import weight_matrix
 from svdkit.core.targets import is_conv1d, select_targets
 
@@ -140,7 +140,7 @@ class Calibration:
             raise ValueError(f"the statistics do not cover {len(missing)} target module(s) (e.g. {missing[:3]}): they "
                              "were computed for different targets; recompute them with this config's targets.")  # fmt: skip
         for name, module in targets:
-            if tensor_fingerprint(weight_matrix(module)) != self.fingerprints[name]:
+            if compare(weight_matrix(module), self.fingerprints[name]) == "different":  # another dtype is fine
                 raise ValueError(f"the statistics for {name} were computed on different weights (fingerprint "
                                  "mismatch): they belong to another model; recompute them on this one.")  # fmt: skip
 
@@ -319,8 +319,10 @@ class _GradientPass(_Pass):
     def __init__(self, model, targets, stat, where):
         super().__init__(model, targets, stat, where)
         self.flags = {p: p.requires_grad for p in model.parameters()}
+        self.grads = {p: p.grad for p in model.parameters()}  # the user's gradients: put back by close()
         for p in model.parameters():
             p.requires_grad_(False)
+            p.grad = None  # so the statistic sees this pass's gradients only
         for name, module in targets:
             module.weight.requires_grad_(True)
             self.handles.append(module.weight.register_post_accumulate_grad_hook(self._hook(name, module)))
@@ -348,7 +350,7 @@ class _GradientPass(_Pass):
         super().close()
         for p, flag in self.flags.items():
             p.requires_grad_(flag)
-            p.grad = None
+            p.grad = self.grads[p]
 
 
 def _model_loss(model: nn.Module, batch: dict) -> Tensor:

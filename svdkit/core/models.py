@@ -52,12 +52,36 @@ def _from_folder(folder: Path, dtype: torch.dtype):
     config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
-    model = auto.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    model, info = auto.from_pretrained(str(folder), dtype=dtype, local_files_only=True, output_loading_info=True)
+    _check_loaded(folder, info, causal)
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def _check_loaded(folder: Path, info: dict, causal: bool) -> None:
+    """Refuse a checkpoint whose weight files miss weights of the model (transformers would initialize them at
+    random with only a log line) or, for a causal LM loaded as its own architecture, hold weights the model does
+    not have (a different architecture, renamed keys). A base model (``AutoModel``) drops a task head's weights."""
+    problems = {"missing": sorted(info.get("missing_keys") or ()), "mismatched": sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())}  # fmt: skip
+    if causal:
+        problems["unexpected"] = sorted(info.get("unexpected_keys") or ())
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        shown = "; ".join(f"{len(v)} {k} ({', '.join(v[:4])}{', …' if len(v) > 4 else ''})" for k, v in problems.items())
+        raise ValueError(f"the model folder {folder} does not match its config.json: {shown} weight(s) in its "
+                         "safetensors files. Missing weights would be initialized at random; repair or re-export "
+                         "the checkpoint.")  # fmt: skip
+
+
+def _from_folder_tokenizer(folder: Path):
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError):
+        return None
 
 
 def default_model_dir() -> Path:
@@ -92,6 +116,11 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_NAME, *, dtype: torch.d
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path, dtype)
+    if path.is_dir() and (path / "svdkit.json").is_file():  # a folder written by svdkit.save_compressed
+        from svdkit.compression.api import is_compressed, load_compressed
+
+        if is_compressed(path):
+            return load_compressed(path, dtype=dtype), _from_folder_tokenizer(path)
     if path.is_dir() and (path / "config.json").is_file():
         return _from_folder(path, dtype)
     raise FileNotFoundError(

@@ -12,6 +12,13 @@ import difflib
 from typing import Any
 
 CONFIG_VERSION = 1
+
+
+class Refused(ValueError):
+    """A method refuses this configuration on this model (a rank above a layer's size, …): a statement about
+    the method, not a bug. ``svdkit bench`` records only this as a skipped row; any other error is a failure
+    it retries on resume."""
+
 KINDS = ("adapt", "compress", "merge", "optim")
 _REGISTRY: dict[str, type] = {}
 

@@ -70,3 +70,46 @@ class MeanGradient(Statistic):
 
     def finish(self, state):
         return {"gradient": state["sum"] / state["batches"].clamp(min=1)}
+
+
+@dataclass(frozen=True)
+class InputAbsMean(Statistic):
+    """ASVD's activation scale (https://arxiv.org/abs/2312.05821): a_j = (1/K) Σ_k mean_tokens |x_kj| over the K
+    calibration sequences, per input channel j (the code sums per-batch token means; here per sequence, so
+    batching does not change it). Result: ``{"abs_mean": (n,) float64}``."""
+
+    kind = "abs-mean"
+
+    def start(self, n_in, m_out, device):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return {"sum": z(n_in), "sequences": z(())}
+
+    def update(self, state, x, counts):
+        seq = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts.to(x.device))
+        sums = torch.zeros(len(counts), x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, seq, x.abs().double())
+        keep = counts > 0
+        state["sum"] += (sums[keep] / counts[keep].to(sums).unsqueeze(1)).sum(0).to(state["sum"].device)
+        state["sequences"] += int(keep.sum())
+
+    def finish(self, state):
+        return {"abs_mean": state["sum"] / state["sequences"].clamp(min=1)}
+
+
+@dataclass(frozen=True)
+class GradientSquares(Statistic):
+    """Fisher information of each input column j of W (m × n): F_j = (1/K) Σ_k Σ_i (∂L_k/∂W_ij)², the batch-
+    gradient estimate FWSVD (https://arxiv.org/abs/2207.00112) and ASVD's Fisher option use (the paper's
+    row importance in the in × out convention). Result: ``{"fisher": (n,) float64}``."""
+
+    kind = "gradient-squares"
+    needs_grad = True
+
+    def start(self, n_in, m_out, device):
+        return {"sum": torch.zeros(n_in, dtype=torch.float64, device=device), "batches": torch.zeros((), device=device)}
+
+    def update(self, state, x: Tensor, counts):
+        state["sum"] += x.double().square().sum(0).to(state["sum"].device)
+        state["batches"] += 1
+
+    def finish(self, state):
+        return {"fisher": state["sum"] / state["batches"].clamp(min=1)}

@@ -8,15 +8,19 @@ W1 = U1 Σ1 V1ᵀ, a top-k left singular vector u of W1 is an *intruder* when ma
 ALL left singular vectors of W0 (the paper sweeps ε; PEFT's utility uses 0.5, as here).
 
 Effective rank (Roy & Vetterli, EUSIPCO 2007): p_i = σ_i / Σ_j σ_j, erank = exp(−Σ_i p_i ln p_i)
-(terms with p_i = 0 contribute 0); it is 1 for a rank-1 matrix and n for n equal singular values.
+(terms with p_i = 0 contribute 0); it is 1 for a rank-1 matrix and n for n equal singular values. Both
+read their spectra and bases through svdkit.core.linalg and svdkit.core.linalg_rank (effective_rank lives there).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from svdkit.core.linalg import svd_exact
+from svdkit.core.linalg_rank import best_cosines, effective_rank
+
+__all__ = ["intruder_dimensions", "effective_rank"]  # effective_rank lives in svdkit.core.linalg_rank
 
 
 def _matrix(W: Tensor, name: str) -> Tensor:
@@ -35,19 +39,7 @@ def intruder_dimensions(W0: Tensor, W1: Tensor, k: int = 10, eps: float = 0.5) -
         raise ValueError(f"k must be in [1, min(m, n) = {min(A.shape)}], got {k}.")
     if not 0 < eps <= 1:
         raise ValueError(f"eps must be in (0, 1], got {eps}.")
-    U0 = torch.linalg.svd(A, full_matrices=False).U
-    U1 = torch.linalg.svd(B, full_matrices=False).U[:, :k]
-    best = (U1.T @ U0).abs().max(dim=1).values  # (k,): the closest pretrained direction of each
+    U0 = svd_exact(A, min(A.shape), dtype=torch.float64)[0]  # (m, min(m, n)): every left singular vector of W0
+    U1 = svd_exact(B, k, dtype=torch.float64)[0]  # (m, k)
+    best = best_cosines(U1, U0)  # (k,): the closest pretrained direction of each
     return int((best < eps).sum())
-
-
-def effective_rank(S: Tensor) -> float:
-    """exp of the Shannon entropy of the normalized singular values ``S`` (a 1-D tensor, σ ≥ 0)."""
-    s = torch.as_tensor(S).detach().to(torch.float64)
-    if s.ndim != 1 or s.numel() == 0 or bool((s < 0).any()):
-        raise ValueError(f"S must be a non-empty 1-D tensor of non-negative singular values, got shape {tuple(s.shape)}.")
-    total = float(s.sum())
-    if total == 0:
-        raise ValueError("S is all zeros: the effective rank of a zero matrix is undefined.")
-    p = s[s > 0] / total
-    return math.exp(float(-(p * p.log()).sum()))

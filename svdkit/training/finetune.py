@@ -16,10 +16,12 @@ import torch
 
 from svdkit.adapters import api
 from svdkit.training import data, report
+from svdkit.training.batches import batch_at, collate, epoch_order, eval_loss, shard
 from svdkit.core.registry import config, method_class
 from svdkit.core.distributed import init_from_env, rank_and_world
 from svdkit.adapters.export import export_peft
-from svdkit.core.files import atomic_dir, write_text
+from svdkit.core.checkpoint import STATE, load_state, save_state
+from svdkit.core.files import atomic_dir, mark, remove_output, write_text
 from svdkit.core.models import load_model
 from svdkit.adapters.saving import load_adapter, save_adapter
 from svdkit.training.loop import make_optimizer, rng_state, set_rng_state, train_step
@@ -38,7 +40,7 @@ class FinetuneConfig:
     model: str = "default"
     data: str = "default"
     method: str = "pissa"
-    rank: int = 16
+    rank: int | None = None  # None: the method's own default rank (PiSSA: 16)
     method_options: dict = field(default_factory=dict)  # other fields of the method's config, e.g. {"svd": "randomized"}
     steps: int = 100
     batch_size: int = 8
@@ -60,6 +62,10 @@ class FinetuneConfig:
     calibration_data: str | None = None  # a named dataset or JSONL file; None: the training split of `data`
     calibration_samples: int | None = None  # None: the method's paper default
     calibration_file: str | None = None  # reuse statistics saved by an earlier run (its calibration.safetensors)
+    # full-parameter training with low-rank gradients (--method full --optimizer galore): a kind="optim" method
+    optimizer: str | None = None  # None: torch.optim.AdamW
+    optimizer_options: dict = field(default_factory=dict)  # fields of the optimizer's config, e.g. {"rank": 64}
+    monitor: str | None = None  # "spectral": log spectral alignment + adapter σ₁, warn before a loss explosion
 
     def __post_init__(self):
         method_class(self.method)  # unknown method: error with the nearest name
@@ -70,9 +76,21 @@ class FinetuneConfig:
             raise ValueError(f"calibration_samples must be positive, got {self.calibration_samples}.")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}.")
+        if self.monitor not in (None, "spectral"):
+            raise ValueError(f"monitor must be 'spectral' or unset, got {self.monitor!r}.")
+        if self.optimizer is not None and self.optimizer_config().kind != "optim":
+            raise ValueError(f"--optimizer {self.optimizer!r} is not an optimizer; see `svdkit methods --kind optim`.")
+
+    def optimizer_config(self):
+        """The optim method's config (None: plain AdamW)."""
+        import svdkit.optim  # noqa: F401  (registers the optim methods)
+
+        return None if self.optimizer is None else config(self.optimizer, **self.optimizer_options)
 
     def adapter_config(self):
-        return config(self.method, rank=self.rank, seed=self.seed, **self.method_options)
+        """The method's config: its own defaults for every option not set here (rank None: the method's)."""
+        rank = {} if self.rank is None else {"rank": self.rank}
+        return config(self.method, **rank, seed=self.seed, **self.method_options)
 
     @property
     def peak_lr(self) -> float:
@@ -100,8 +118,11 @@ def _yaml(text: str) -> dict:
 def _prepare_out(out: Path, cfg: FinetuneConfig, resume: bool, overwrite: bool) -> None:
     """Create the run folder, or check that a resumed run has the same config (saying what differs)."""
     if resume:
-        if not (out / CHECKPOINT / "state.pt").is_file():
+        if not (out / CHECKPOINT).is_dir():
             raise FileNotFoundError(f"--resume: {out} has no checkpoint ({out / CHECKPOINT}); start without --resume.")
+        if not (out / CHECKPOINT / STATE).is_file():
+            raise ValueError(f"--resume: {out / CHECKPOINT} was written by an older svdkit (a pickled state.pt, which "
+                             "svdkit no longer reads: unpickling can run code); start the run again without --resume.")  # fmt: skip
         saved = json.loads((out / CONFIG).read_text())
         diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
         if diff:
@@ -111,18 +132,17 @@ def _prepare_out(out: Path, cfg: FinetuneConfig, resume: bool, overwrite: bool) 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or --resume to continue it.")
-        import shutil
-
-        shutil.rmtree(out)
+        remove_output(out)  # only a run folder svdkit wrote, never the current/home directory or their ancestors
     out.mkdir(parents=True, exist_ok=True)
+    mark(out)
     write_text(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def _save_checkpoint(out: Path, net, loop) -> None:
     with atomic_dir(out / CHECKPOINT, overwrite=True) as tmp:
         save_adapter(net, tmp / "adapter")
-        torch.save({"step": loop.step, "optimizer": loop.optimizer.state_dict(),
-                    "scheduler": loop.scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")  # fmt: skip
+        save_state(tmp, {"step": loop.step, "optimizer": loop.optimizer.state_dict(), "method": api.training_state(net),
+                         "scheduler": loop.scheduler.state_dict(), "rng": rng_state()})  # tensors + JSON, no pickle
 
 
 def _barrier():
@@ -170,13 +190,14 @@ def finetune(
     method = api.state(model).config
     weight_decay = cfg.weight_decay if cfg.weight_decay is not None else method.weight_decay
     warmup = cfg.warmup if cfg.warmup is not None else max(1, round(0.03 * cfg.steps))
-    loop = make_optimizer(model, cfg.peak_lr, weight_decay, cfg.steps, warmup)
+    loop = make_optimizer(model, cfg.peak_lr, weight_decay, cfg.steps, warmup, optimizer=cfg.optimizer_config())
     if resume:
-        state = torch.load(out / CHECKPOINT / "state.pt", weights_only=False)
+        state = load_state(out / CHECKPOINT)
         loop.optimizer.load_state_dict(state["optimizer"])
         loop.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         loop.step = state["step"]
+        api.load_training_state(model, state.get("method", {}))  # AdaLoRA's EMAs and masks, VectorFit's frozen set
         if main:
             report.truncate_metrics(out / METRICS, loop.step)
     ddp = model
@@ -211,13 +232,13 @@ def _calibration(cfg, method_cfg, model, tok, train_items, out: Path, main: bool
         items = data.load_examples(cfg.calibration_data, tok, max_length=cfg.max_length, skip_malformed=cfg.skip_malformed)
     wanted = cfg.calibration_samples or method_class(cfg.method).calibration_samples
     rank, world = rank_and_world()
-    chosen = [items[j] for j in data.epoch_order(len(items), 0, cfg.seed)[:wanted]]
+    chosen = [items[j] for j in epoch_order(len(items), 0, cfg.seed)[:wanted]]
     chosen = chosen[: len(chosen) // world * world]
     if not chosen:
         raise ValueError(f"the calibration data ({cfg.calibration_data or cfg.data}) has {len(items)} usable "
                          f"examples, too few for {world} rank(s); pass --calibration-data with more examples.")  # fmt: skip
-    mine = sorted(data.shard(chosen, rank, world), key=lambda x: len(x["input_ids"]))
-    batches = [data.collate(mine[i : i + cfg.batch_size], pad_id) for i in range(0, len(mine), cfg.batch_size)]
+    mine = sorted(shard(chosen, rank, world), key=lambda x: len(x["input_ids"]))
+    batches = [collate(mine[i : i + cfg.batch_size], pad_id) for i in range(0, len(mine), cfg.batch_size)]
     stats = calibrate(model, batches, method_cfg, progress=progress if main else False)
     if main:
         stats.save(out / "calibration.safetensors")
@@ -234,15 +255,15 @@ def _micro_batches(cfg, batch: list[dict], rank: int, world: int, pad_id: int) -
     A short last batch of an epoch can leave a rank with nothing; it then runs one fully masked example
     (zero loss, zero gradient) so that every rank joins DDP's gradient all-reduce.
     """
-    mine = data.shard(batch, rank, world)
+    mine = shard(batch, rank, world)
     if not mine:
         mine = [dict(batch[0], labels=[data.IGNORE] * len(batch[0]["labels"]))]
     micro = -(-len(mine) // cfg.grad_accum)
-    return [data.collate(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)]
+    return [collate(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)]
 
 
 def _evaluate(model, items, cfg, pad_id) -> dict:
-    loss, ppl = data.eval_loss(model, items, cfg.batch_size, pad_id)
+    loss, ppl = eval_loss(model, items, cfg.batch_size, pad_id)
     return {"loss": loss, "perplexity": ppl}
 
 
@@ -254,13 +275,19 @@ def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, prog
     evaluation = None
     bar = tqdm(total=cfg.steps, initial=loop.step, desc="svdkit finetune", unit="step",
                disable=(not main) if progress is None else not (progress and main))  # fmt: skip
+    monitor = None
+    if cfg.monitor == "spectral" and main:  # forward hooks; each step's record joins metrics.jsonl
+        from svdkit.inspection.monitor import SpectralMonitor
+
+        monitor = SpectralMonitor(net, log=tqdm.write)
     try:
         while loop.step < cfg.steps:
-            mbs = _micro_batches(cfg, data.batch_at(train_items, loop.step, cfg.batch_size, cfg.seed), rank, world, pad_id)
+            mbs = _micro_batches(cfg, batch_at(train_items, loop.step, cfg.batch_size, cfg.seed), rank, world, pad_id)
             start = time.perf_counter()
             row = train_step(net, ddp, mbs, loop, max_grad_norm=cfg.max_grad_norm, peak_lr=cfg.peak_lr, total=cfg.steps)
             seconds = time.perf_counter() - start
             row.update(step_s=round(seconds, 3), tokens_per_s=round(row.pop("tokens") / seconds, 1))
+            row.update(monitor.after_step(loop.step) if monitor else {})
             if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
                 if main:
                     evaluation = _evaluate(net, heldout, cfg, pad_id)
@@ -278,9 +305,11 @@ def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, prog
         if main:
             _save_checkpoint(out, net, loop)
         raise Interrupted(f"interrupted at step {loop.step}/{cfg.steps}; a checkpoint was saved. "
-                          f"Resume with: svdkit finetune --config {out / CONFIG} --out {out} --resume") from None  # fmt: skip
+                          f"Resume with: svdkit finetune --out {out} --resume") from None  # fmt: skip
     finally:
         bar.close()
+        if monitor:
+            monitor.close()
     if main:
         _save_checkpoint(out, net, loop)
     return evaluation if loop.step == cfg.steps else None
@@ -293,7 +322,7 @@ def _finish(cfg, out, model, tok, heldout, before, final_eval, pad_id, log) -> d
     peft = api.state(model).config.exports_lora  # full-rank updates (SVFT, CLIP-SVD, …) ship merged only
     if peft:
         export_peft(model, out / "peft", overwrite=True)
-    summary = {"method": cfg.method, "rank": cfg.rank, "steps": cfg.steps, "lr": cfg.peak_lr,
+    summary = {"method": cfg.method, "rank": api.state(model).config.rank, "steps": cfg.steps, "lr": cfg.peak_lr,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "heldout_examples": len(heldout), "before": before["eval"], "after": after["eval"],
                "train": report.train_stats(report.read_metrics(out / METRICS))}  # fmt: skip

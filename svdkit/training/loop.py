@@ -5,6 +5,7 @@ checkpoints that resume bit-for-bit (same batches, same RNG, same optimizer stat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Callable
 import torch
 
 from svdkit.adapters import api
-from svdkit.training.data import labelled_logits
+from svdkit.training.batches import labelled_logits
 from svdkit.core.distributed import rank_and_world
 
 
@@ -36,9 +37,16 @@ def cosine_with_warmup(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model, lr: float, weight_decay: float, total: int, warmup: int) -> LoopState:
+def make_optimizer(model, lr: float, weight_decay: float, total: int, warmup: int, optimizer=None) -> LoopState:
+    """AdamW, or the optim method ``optimizer`` (a config, e.g. GaLore; its weight decay set to ``weight_decay``)
+    through ``svdkit.optim.build``, over the trainable parameters, with warm-up + cosine decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        from svdkit.optim import build
+
+        optimizer = build(params, dataclasses.replace(optimizer, weight_decay=weight_decay), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, warmup))
     return LoopState(0, optimizer, scheduler)
 
@@ -73,6 +81,7 @@ def train_step(
     logits the task loss scores) and is averaged over the micro-batches.
     """
     rank, world = rank_and_world()
+    adapted = getattr(net, "_svdkit", None) is not None  # a plain model (svdkit pretrain) has no method hooks
     local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
     counts = torch.tensor([float(local_tokens)])
     if world > 1:
@@ -89,20 +98,22 @@ def train_step(
             loss = loss_sum * (world / n_tokens)
             if uses_outputs:  # a per-micro-batch statistic: averaged over micro-batches (and ranks, by DDP)
                 loss = loss + api.output_regularization(net, mb, logits) / len(micro_batches)
-            if last:
+            if last and adapted:
                 loss = loss + api.regularization(net)
             loss.backward()
         loss_total += float(loss_sum.detach())
     params = [p for g in loop.optimizer.param_groups for p in g["params"]]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    api.after_clipping(net, peak_lr)
     lr = loop.scheduler.get_last_lr()[0]
-    schedule_weight_decay(net, loop.optimizer, loop.step, total)
+    if adapted:
+        api.after_clipping(net, peak_lr)
+        schedule_weight_decay(net, loop.optimizer, loop.step, total)
     loop.optimizer.step()
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
     loop.step += 1
-    api.after_step(net, loop.step, total)
+    if adapted:
+        api.after_step(net, loop.step, total)
     summed = torch.tensor([loss_total])
     if world > 1:
         torch.distributed.all_reduce(summed)

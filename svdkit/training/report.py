@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -11,14 +12,35 @@ from svdkit.core.files import write_text
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one JSON line with a single O_APPEND write (a kill can tear only this line, which
+    :func:`read_metrics` then skips); a torn line left by an earlier kill is first ended."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A row cut short (a run killed mid-write: it starts with ``{`` but does not
+    end with ``}``) is skipped; any other line that is not JSON is an error naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn = line.startswith("{") and not line.rstrip().endswith("}")  # a row cut short by a kill
+            if not torn:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({line[:60]!r}); the metrics file is corrupt.") from None
+    return rows
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -37,11 +37,15 @@ def _nystrom_weight(W, cfg, name):
 
 ROWS = [
     Row("slora", dict(rank=4), params=_three_matrix),
-    Row("nlora", dict(rank=4), params=_three_matrix, init_weight=_nystrom_weight),
+    Row("nlora", dict(rank=4), params=_three_matrix, id="nlora-preserving"),  # the default: W at init
+    Row("nlora", dict(rank=4, nystrom_core="pinv", preserve_init=False), params=_three_matrix,
+        init_weight=_nystrom_weight),  # fmt: skip
     # the code's N = W[:r, :r] makes a cubic, small change: α = 64 (s = 16) makes it measurable
-    Row("nlora", dict(rank=4, alpha=64, nystrom_core="slice"), params=_three_matrix,
+    Row("nlora", dict(rank=4, alpha=64, nystrom_core="slice", preserve_init=False), params=_three_matrix,
         init_weight=_nystrom_weight, id="nlora-slice"),  # fmt: skip
-    Row("inttune", dict(rank=4), params=_core_only, init_weight=_nystrom_weight),
+    Row("inttune", dict(rank=4), params=_core_only, id="inttune-preserving"),
+    Row("inttune", dict(rank=4, nystrom_core="pinv", preserve_init=False), params=_core_only,
+        init_weight=_nystrom_weight),  # fmt: skip
     Row("multilora", dict(rank=4), params=_multilora),
     Row("multilora", dict(rank=2, n_loras=2, alpha=8, use_rslora=True), params=_multilora, id="multilora-rslora"),
 ]

@@ -5,16 +5,16 @@
 The schedule runs by itself in svdkit's training loop and under ``svdkit.training.hf.SvdkitTrainer``:
 ``after_clipping`` (gradients exist, before the optimizer step) updates the sensitivity EMAs of every
 entry of P, λ, Q; ``after_step`` applies the cubic budget b(t) and zeroes the λᵢ of the lowest-scoring
-triplets. The EMAs and masks live in a module-level table keyed by layer and last one run: a step counter
-that restarts begins a new run with fresh state; a resumed run starts its EMAs from zero (a final mask in
-force is recovered from the exact zeros in λ).
+triplets. The EMAs, masks and phase live in each layer's ``method_state`` (non-persistent buffers), which
+``svdkit.training_state(model)`` hands to checkpoints, so ``svdkit finetune --resume`` continues exactly; a
+step counter that restarts begins a new run with fresh state (a run resumed without that state recovers a
+final mask in force from the exact zeros in λ).
 ``ranks(model)`` reads the current ranks nnz(λ); ``export_peft`` writes each layer at rank nnz(λ).
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,31 +24,57 @@ from svdkit.core.registry import register
 from svdkit.adapters.cores import Delta
 from svdkit.adapters.layers import Init
 from svdkit.core.linalg import layer_seed
-from svdkit.adapters.zoo.sorsa import check_weights, gram_deviation
+from svdkit.core.checks import check_number
+from svdkit.core.linalg_rank import orthogonality as factor_orthogonality
 
 INIT_STD = 0.02  # P, Q ~ N(0, 0.02²), as the paper's code and PEFT
 
 
-@dataclass
+_KEYS = {"P": "P", "λ": "lambda", "Q": "Q"}  # buffer names: avg_P, unc_lambda, …
+
+
 class _LayerState:
-    """One layer's allocator state: Ī and Ū per factor ("P", "λ", "Q"), its λ mask, and the phase flags."""
+    """One layer's allocator state, kept as tensors in ``layer.method_state`` (saved by checkpoints):
+    ``avg_*`` Ī and ``unc_*`` Ū per factor (absent: zeros), ``keep`` the bool λ mask (False = pruned, λᵢ held
+    at 0; absent: no allocation yet), ``phase`` = [update_next, final, step, total]: update_next is 0 once
+    the next step is the final allocation or later (no more EMAs), final is 1 once ``keep`` is fixed for
+    the rest of the run, and (step, total) the last step seen and its run's length."""
 
-    avg: dict = field(default_factory=dict)  # Ī: smoothed sensitivity
-    unc: dict = field(default_factory=dict)  # Ū: smoothed uncertainty |I − Ī|
-    keep: Tensor | None = None  # bool (r₀,): False = the triplet is pruned (λᵢ held at 0)
-    update_next: bool = True  # False once the next step is the final allocation or later (no more EMAs)
-    final: bool = False  # the final allocation is done: ``keep`` is fixed for the rest of the run
-    step: int = 0  # the last step seen and its run's length: a step that does not follow starts a new run
-    total: int = 0
+    def __init__(self, layer):
+        self.store = layer.method_state
+        phase = self.store.get("phase")
+        self.update_next, self.final, self.step, self.total = (1, 0, 0, 0) if phase is None else phase.tolist()
 
+    def ema(self, kind: str, key: str) -> Tensor | None:
+        return self.store.get(f"{kind}_{_KEYS[key]}")
 
-_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    def set_ema(self, kind: str, key: str, value: Tensor) -> None:
+        self.store.set(f"{kind}_{_KEYS[key]}", value)
+
+    @property
+    def keep(self) -> Tensor | None:
+        return self.store.get("keep")
+
+    @keep.setter
+    def keep(self, value: Tensor) -> None:
+        self.store.set("keep", value)
+
+    def save_phase(self) -> None:
+        values = [int(self.update_next), int(self.final), int(self.step), int(self.total)]
+        self.store.set("phase", torch.tensor(values, dtype=torch.int64))
+
+    def reset(self) -> None:
+        self.store.clear()
+        self.update_next, self.final, self.step, self.total = 1, 0, 0, 0
+
+    def drop_emas(self) -> None:
+        for kind in ("avg", "unc"):
+            for key in _KEYS.values():
+                self.store.pop(f"{kind}_{key}")
 
 
 def _state(layer) -> _LayerState:
-    if layer not in _STATES:
-        _STATES[layer] = _LayerState()
-    return _STATES[layer]
+    return _LayerState(layer)
 
 
 def _factors(layer) -> dict[str, Tensor]:
@@ -58,7 +84,7 @@ def _factors(layer) -> dict[str, Tensor]:
 
 def orthogonality(layer) -> Tensor:
     """‖PᵀP − I‖_F + ‖QQᵀ − I‖_F of one layer (not squared)."""
-    return gram_deviation(layer.lora_B, rows=False) + gram_deviation(layer.lora_A, rows=True)
+    return factor_orthogonality(layer.lora_B, layer.lora_A)
 
 
 def budget_schedule(step: int, total: int, init_budget: int, target_budget: int, tinit: int, tfinal: int,
@@ -76,13 +102,9 @@ def budget_schedule(step: int, total: int, init_budget: int, target_budget: int,
 def triplet_scores(layer) -> Tensor:
     """Sᵢ = s(λᵢ) + mean_j s(Q_ij) + mean_j s(P_ji), s = Ī·Ū per entry (zeros before any sensitivity)."""
     st, f = _state(layer), _factors(layer)
-    score = {k: st.avg[k] * st.unc[k] if k in st.avg else torch.zeros_like(f[k]) for k in f}
+    score = {k: st.ema("avg", k) * st.ema("unc", k) if st.ema("avg", k) is not None else torch.zeros_like(f[k])
+             for k in f}  # fmt: skip
     return (score["λ"] + score["Q"].mean(dim=1) + score["P"].mean(dim=0)).detach()
-
-
-def _int_at_least(cfg, field: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{type(cfg).__name__}: {field} must be an integer >= {low}, got {value!r}.")
 
 
 @register
@@ -93,8 +115,9 @@ class AdaLoRA(AdapterConfig):
     Init: P, Q ~ N(0, 0.02²) (seeded per layer), λ = 0, so the update is zero at init. Trains r₀(m+n+1)
     per matrix (r₀ = ``rank``, PEFT's init_r). s = α/r₀ with α = None meaning α = r₀ (s = 1; PEFT's
     lora_alpha defaults to 8, and PEFT divides by r₀ + 1e-5).
-    Loss: L + γ·mean over the adapted matrices of (‖PᵀP − I‖_F + ‖QQᵀ − I‖_F) (``orth_reg_weight`` = γ;
-    norms not squared, as METHODS.md and the official code; the paper's R may square them [?, unchecked]).
+    Loss: L + γ·mean over the factor matrices P, Q of all adapted layers of ‖PᵀP − I‖_F, ‖QQᵀ − I‖_F
+    (``orth_reg_weight`` = γ), i.e. γ·Σ_layers(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F)/(2L): PEFT's normalization
+    (``AdaLoraModel.forward`` divides by the number of factor matrices), norms not squared.
     Sensitivity per entry, with the pre-step weights and the clipped gradient (``after_clipping``):
     I = |w·∂L/∂w|, Ī ← β₁Ī + (1 − β₁)I, Ū ← β₂Ū + (1 − β₂)|I − Ī|, s = Ī·Ū; triplet score
     Sᵢ = s(λᵢ) + mean_j s(Q_ij) + mean_j s(P_ji). Budget (``after_step(t, T)``, T from the training loop):
@@ -106,8 +129,7 @@ class AdaLoRA(AdapterConfig):
     paper's; PEFT 0.5); lr 5e-4 (the paper's DeBERTaV3-base MNLI setting); weight decay 0.
     Paper/PEFT vs here: PEFT scores with the post-step weights (it runs after ``optimizer.step()``) while
     the paper's Algorithm 1, and this code, use the weights the gradient was taken at; PEFT lets pruned λᵢ
-    move again between allocations when ΔT > 1, here they stay 0; PEFT's regularizer is the mean over the
-    factor matrices (2 per layer), half of this per-matrix mean; PEFT fails when b = b₀ at an allocation
+    move again between allocations when ΔT > 1, here they stay 0; PEFT fails when b = b₀ at an allocation
     (target_r = init_r), here nothing is pruned. With ΔT = 1 the budget and the masks equal PEFT's
     RankAllocator given the same weights and gradients (tests/test_zoo_adalora.py).
     """
@@ -134,16 +156,15 @@ class AdaLoRA(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         cls = type(self).__name__
-        _int_at_least(self, "target_r (the average final rank per matrix)", self.target_r, 1)
+        check_number(self, "target_r (the average final rank per matrix)", self.target_r, low=1, integer=True)
         if self.target_r > self.rank:
             raise ValueError(f"{cls}: target_r ({self.target_r}) must be <= rank, the initial rank ({self.rank}).")
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:
-                raise ValueError(f"{cls}: {name} (an EMA factor) must be a number in (0, 1), got {beta!r}.")
-        check_weights(self, orth_reg_weight=self.orth_reg_weight)
-        _int_at_least(self, "tinit (warm-up steps before pruning)", self.tinit, 0)
-        _int_at_least(self, "tfinal (final steps at the target budget)", self.tfinal, 0)
-        _int_at_least(self, "deltaT (steps between budget allocations)", self.deltaT, 1)
+            check_number(self, f"{name} (an EMA factor)", beta, low=0, high=1, low_open=True, high_open=True)
+        check_number(self, "orth_reg_weight", self.orth_reg_weight, low=0, finite=True)
+        check_number(self, "tinit (warm-up steps before pruning)", self.tinit, low=0, integer=True)
+        check_number(self, "tfinal (final steps at the target budget)", self.tfinal, low=0, integer=True)
+        check_number(self, "deltaT (steps between budget allocations)", self.deltaT, low=1, integer=True)
 
     def initialize(self, weights, names, calibration=None) -> Init:
         b, m, n = weights.shape
@@ -159,8 +180,9 @@ class AdaLoRA(AdapterConfig):
     core_type = Delta
 
     def regularizer(self, layer) -> Tensor | None:
-        """γ·(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F); ``regularizer_mean`` makes svdkit.regularization average these."""
-        return None if self.orth_reg_weight == 0 else self.orth_reg_weight * orthogonality(layer)
+        """γ·½(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F); ``regularizer_mean`` makes svdkit.regularization average these over
+        the layers, so the total is γ times PEFT's mean over the 2L factor matrices."""
+        return None if self.orth_reg_weight == 0 else self.orth_reg_weight * 0.5 * orthogonality(layer)
 
     # -- the schedule -----------------------------------------------------------------------------------
     def after_clipping(self, layers: dict, peak_lr: float) -> None:
@@ -174,9 +196,12 @@ class AdaLoRA(AdapterConfig):
                     if p.grad is None:
                         continue
                     sens = (p * p.grad).abs()
-                    avg = self.beta1 * st.avg.get(key, torch.zeros_like(p)) + (1 - self.beta1) * sens
-                    unc = self.beta2 * st.unc.get(key, torch.zeros_like(p)) + (1 - self.beta2) * (sens - avg).abs()
-                    st.avg[key], st.unc[key] = avg, unc
+                    old_avg, old_unc = st.ema("avg", key), st.ema("unc", key)
+                    avg = self.beta1 * (torch.zeros_like(p) if old_avg is None else old_avg) + (1 - self.beta1) * sens
+                    unc = (self.beta2 * (torch.zeros_like(p) if old_unc is None else old_unc)
+                           + (1 - self.beta2) * (sens - avg).abs())  # fmt: skip
+                    st.set_ema("avg", key, avg)
+                    st.set_ema("unc", key, unc)
 
     def after_step(self, layers: dict, step: int, total_steps: int) -> None:
         """Allocate the budget b(step) (every ΔT steps, and finally at T − t_f) and hold pruned λᵢ at 0."""
@@ -187,10 +212,10 @@ class AdaLoRA(AdapterConfig):
             raise ValueError(f"AdaLoRA: tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no pruning phase in "
                              f"{total_steps} training steps; lower them or train for more steps.")  # fmt: skip
         names = sorted(layers)
-        if any(_state(layers[n]).step >= step or _state(layers[n]).total not in (0, total_steps) for n in names):
-            for n in names:  # a new run on the same model (the step counter restarted): fresh state
-                _STATES[layers[n]] = _LayerState()
         states = [_state(layers[n]) for n in names]
+        if any(st.step >= step or st.total not in (0, total_steps) for st in states):
+            for st in states:  # a new run on the same model (the step counter restarted): fresh state
+                st.reset()
         for st in states:
             st.step, st.total = step, total_steps
         if step > last and any(st.keep is None for st in states):  # resumed in the final phase: λ's zeros
@@ -205,7 +230,10 @@ class AdaLoRA(AdapterConfig):
             for st in states:
                 st.update_next = step + 1 < last
                 if step == last:
-                    st.final, st.avg, st.unc = True, {}, {}
+                    st.final = True
+                    st.drop_emas()
+        for st in states:
+            st.save_phase()
         with torch.no_grad():
             for n, st in zip(names, states):
                 if st.keep is not None:

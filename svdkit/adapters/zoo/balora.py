@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from svdkit.adapters.config import AdapterConfig
+from svdkit.adapters.layers import Init
 from svdkit.core.registry import register
-from svdkit.adapters.zoo.residual import PiSSA
+from svdkit.adapters.zoo.residual import PiSSA, residual_init
 
 DIVERSITY = ("covariance", "entropy")
 
@@ -61,7 +63,7 @@ def top_singular_share(outputs: torch.Tensor, k: int) -> torch.Tensor:
 
 @register
 @dataclass(frozen=True)
-class BALoRA(PiSSA):
+class BALoRA(AdapterConfig):
     """BA-LoRA (https://arxiv.org/abs/2408.04556): PiSSA plus consistency, diversity and SVD regularizers.
 
     W = W_res + s·B A initialized as PiSSA (top-r); loss = task + λ₁·L_CR + λ₂·L_DR + λ₃·L_SVD on the logits
@@ -90,6 +92,11 @@ class BALoRA(PiSSA):
 
     name = "ba-lora"
     paper = "https://arxiv.org/abs/2408.04556"
+    lr = PiSSA.lr  # PiSSA's init, so PiSSA's learning rate and description
+    basis, trains, params, export_rank = PiSSA.basis, PiSSA.trains, PiSSA.params, PiSSA.export_rank
+
+    def initialize(self, weights, names, calibration=None) -> Init:
+        return residual_init(self, weights, names, "top")  # PiSSA's R(W, top-r, s)
 
     def __post_init__(self) -> None:
         super().__post_init__()

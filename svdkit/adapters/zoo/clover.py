@@ -22,6 +22,7 @@ which is exactly the original function at init (attention mixes positions, not v
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -30,43 +31,9 @@ from torch import Tensor, nn
 
 from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
-from svdkit.adapters.cores import Core
+from svdkit.adapters.cores import Blocks, Core
 from svdkit.adapters.layers import Init, weight_matrix
-from svdkit.core.linalg import fix_signs
-
-
-def head_qr(weights: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """Per-head QR of W_jᵀ for (b, m, n) weights split into heads of ``block`` rows.
-
-    Returns Q (b, h, n, d) with orthonormal columns and R (b, h, d, d) upper triangular with a
-    non-negative diagonal (the unique sign convention), so that W_j = R_jᵀ Q_jᵀ.
-    """
-    b, m, n = weights.shape
-    heads = weights.reshape(b, m // block, block, n)  # W_j: (d × n)
-    Q, R = torch.linalg.qr(heads.mT)  # W_jᵀ (n × d) = Q_j R_j
-    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return Q * signs.unsqueeze(-2), R * signs.unsqueeze(-1)
-
-
-def head_product_svd(Wo: Tensor, Wv: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per head h the thin SVD of M_h = W_o[:, h] W_v[h] (W_o: n_o × m, W_v: m × n_v, heads of ``block``).
-
-    M_h has rank ≤ d, so it is never formed: with W_o[:, h] = P R_P and W_v[h]ᵀ = Q R_Q (thin QR),
-    M_h = P (R_P R_Qᵀ) Qᵀ and the d×d SVD R_P R_Qᵀ = u S vᵀ gives U_h = P u, V_h = Q v (O(n·d²) per head
-    instead of the n×n SVD). Returns U (h, n_o, d), S (h, d) descending, Vh (h, d, n_v), signs fixed.
-    """
-    heads = Wv.shape[0] // block
-    P, R_P = torch.linalg.qr(Wo.reshape(Wo.shape[0], heads, block).transpose(0, 1))  # (h, n_o, d)
-    Q, R_Q = torch.linalg.qr(Wv.reshape(heads, block, Wv.shape[1]).mT)  # (h, n_v, d)
-    u, S, vh = torch.linalg.svd(R_P @ R_Q.mT)
-    U, Vh = fix_signs(P @ u, vh @ Q.mT)
-    return U, S, Vh
-
-
-def block_diagonal(blocks: Tensor) -> Tensor:
-    """blockdiag(B_1, …, B_h) of an (h, d, d) stack, as a dense (h·d × h·d) matrix."""
-    return torch.block_diag(*blocks.unbind(0))
+from svdkit.core.linalg_structured import block_diagonal, head_product_svd, head_qr
 
 
 class HeadCores(Core):
@@ -79,14 +46,20 @@ class HeadCores(Core):
 
     def __init__(self, value: Tensor, initial: Tensor | None = None):
         super().__init__()
-        self.value = nn.Parameter(value.detach().clone())
+        # contiguous copies (torch's QR returns R column-major): a fresh and a loaded core then take the same
+        # batched-matmul path, so save/load reproduces the outputs bit for bit
+        self.value = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format))
         if initial is not None:
-            self.register_buffer("initial", initial.detach().clone())
+            self.register_buffer("initial", initial.detach().clone(memory_format=torch.contiguous_format))
         else:
             self.initial = None
 
     def forward(self) -> Tensor:
-        return block_diagonal((self.value if self.initial is None else self.value - self.initial).mT)
+        return block_diagonal(self.structured().blocks)
+
+    def structured(self) -> Blocks:
+        """The per-head stack, applied by a batched matmul (never the dense m×m block-diagonal matrix)."""
+        return Blocks((self.value if self.initial is None else self.value - self.initial).mT)
 
     def extra_repr(self) -> str:
         h, d, _ = self.value.shape
@@ -102,8 +75,9 @@ class CLOVER(AdapterConfig):
     MHA value/output pair: W_o[:, h] W_v[h] = U_h S_h V_hᵀ;  W'_v[h] = (s·T_h)ᵀ V_hᵀ (T_h⁰ = S_h/s),
     W'_o[:, h] = U_h (frozen); trains h·d² = m·d per matrix (m·d/2 for MLP up-projections, 0 for o_proj).
 
-    Defaults as the paper: targets q_proj, v_proj, up_proj (regexes), ``head_dim`` 64 (SmolLM2's
-    head size; set it to your model's), lr 1e-4. Modules whose name matches ``up_pattern`` (MLP up
+    Defaults as the paper: targets q_proj, v_proj, up_proj (regexes), lr 1e-4. ``head_dim`` (None) is read
+    from the model's config at adapt (``head_dim``, else hidden_size / num_attention_heads; SmolLM2: 64);
+    an explicit value that disagrees with the config is an error, and a model without a config needs it. Modules whose name matches ``up_pattern`` (MLP up
     projections: up_proj, fc1, c_fc, intermediate; searched in the qualified module name) are split into
     pseudo-heads of head_dim/2 rows, as the paper's up_proj; every other target (gate_proj included)
     into heads of head_dim rows; ``up_pattern=None`` uses head_dim everywhere. ``rank`` is not used.
@@ -127,14 +101,14 @@ class CLOVER(AdapterConfig):
         change (the paper's models have none; set vo_pair=None to use the QR path there).
       * The paper's dropout (0.05) acts on the projection output; the shared layer has input dropout
         only, so ``dropout`` (default 0) drops the adapter's input x in s·C·A·drop(x).
-      * The core is materialized as a dense m×m block-diagonal matrix (the shared layer takes a dense
-        core); the product costs m² per token instead of m·d.
+      * The core is applied per head as a (h, d, d) stack (``cores.Blocks``: one batched matmul, m·d per
+        token); the dense m×m block-diagonal matrix is only built for the dense views (merge, ΔW).
     Each layer is initialized alone (``batched = False``): q/v heads and up-projection pseudo-heads of
     the same weight shape (gate_proj and up_proj) have cores of different shapes.
     """
 
     targets: str | tuple[str, ...] = ("q_proj", "v_proj", "up_proj")
-    head_dim: int = 64
+    head_dim: int | None = None  # None: the model config's head size (see for_model)
     up_pattern: str | None = r"up_proj|fc1|c_fc|intermediate"
     vo_pair: tuple[str, str] | None = ("v_proj", "o_proj")
 
@@ -151,7 +125,8 @@ class CLOVER(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+        d = self.head_dim
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 2 or d % 2):
             raise ValueError(f"CLOVER: head_dim must be an even integer >= 2 (up-projections use head_dim/2), "
                              f"got {self.head_dim!r}.")  # fmt: skip
         try:
@@ -167,8 +142,32 @@ class CLOVER(AdapterConfig):
             raise ValueError(f"CLOVER: vo_pair must be None or two different module-name suffixes (value, output) "
                              f"such as ('v_proj', 'o_proj'), got {pair!r}.")  # fmt: skip
 
+    def for_model(self, model_config) -> "CLOVER":
+        """head_dim from the model's config: ``head_dim``, else hidden_size / num_attention_heads."""
+        size = getattr(model_config, "head_dim", None)
+        heads, hidden = getattr(model_config, "num_attention_heads", None), getattr(model_config, "hidden_size", None)
+        if not isinstance(size, int) and isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+            size = hidden // heads
+        if not isinstance(size, int) or isinstance(size, bool):
+            if self.head_dim is None:
+                raise ValueError("CLOVER: the model has no config giving its head size (head_dim, or hidden_size and "
+                                 "num_attention_heads); pass head_dim=<the attention head size>.")  # fmt: skip
+            return self
+        if self.head_dim is None:
+            return dataclasses.replace(self, head_dim=size)
+        if self.head_dim != size:
+            raise ValueError(f"CLOVER: head_dim={self.head_dim} disagrees with the model's head size {size} (from its "
+                             "config); leave head_dim unset to use the model's.")  # fmt: skip
+        return self
+
+    def _need_head_dim(self) -> None:
+        if self.head_dim is None:
+            raise ValueError("CLOVER: head_dim is not set: svdkit.adapt reads it from the model's config "
+                             "(cfg.for_model(model.config)); outside adapt pass head_dim explicitly.")  # fmt: skip
+
     def block_size(self, name: str) -> int:
         """Rows per head of module ``name``: head_dim/2 for MLP up-projections (``up_pattern``), else head_dim."""
+        self._need_head_dim()
         up = self.up_pattern is not None and re.search(self.up_pattern, name) is not None
         return self.head_dim // 2 if up else self.head_dim
 
@@ -207,6 +206,7 @@ class CLOVER(AdapterConfig):
     def initialize_group(self, weights, names, calibration=None) -> list[Init]:
         """The V·O path: v_proj A = [V_1ᵀ; …], core T_h = S_h/s; o_proj B = [U_1 … U_h]/s; both weightless."""
         (Wv, Wo), (v_name, o_name) = weights, names
+        self._need_head_dim()
         (m, n), d = Wv.shape, self.head_dim
         self._check(v_name, m, n, d)
         if Wo.shape[0] < d:

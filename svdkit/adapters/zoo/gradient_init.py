@@ -25,6 +25,7 @@ from torch import Tensor
 from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.layers import Init
+from svdkit.core.checks import check_number
 from svdkit.core.linalg import layer_seed, truncated_svd
 
 _DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -86,8 +87,7 @@ def drop_gradientless(cfg: AdapterConfig, calibration, shapes: dict) -> AdapterC
 
 def _check_positive(cfg: AdapterConfig, **values: float) -> None:
     for field, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{type(cfg).__name__}: {field} must be a finite number > 0, got {value!r}.")
+        check_number(cfg, field, value, low=0, low_open=True, finite=True)
 
 
 def mean_gradient():

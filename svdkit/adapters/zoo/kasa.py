@@ -18,24 +18,19 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Delta
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import balanced_factors, layer_seed, truncated_svd
+from svdkit.core.checks import check_number
+from svdkit.core.linalg import balanced_factors, kaiming_uniform, layer_generator, layer_seed, truncated_svd
+from svdkit.core.linalg_rank import orthogonality
 
 
 def random_factors(rank: int, n: int, names, seed: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Per layer, from one CPU generator seeded by (seed, name): A ~ U(±1/√n) (LoRA's kaiming-uniform), d ~ N(0, 1)."""
-    bound = 1.0 / math.sqrt(n)
     A, d = [], []
     for name in names:
-        g = torch.Generator().manual_seed(layer_seed(seed, name))
-        A.append(torch.rand(rank, n, generator=g, dtype=dtype) * (2 * bound) - bound)
+        g = layer_generator(seed, name)
+        A.append(kaiming_uniform((rank, n), n, g, dtype))
         d.append(torch.randn(rank, generator=g, dtype=dtype))
     return torch.stack(A), torch.stack(d)
-
-
-def orthogonality(B: Tensor, A: Tensor) -> Tensor:
-    """‖BᵀB − I_r‖_F + ‖AAᵀ − I_r‖_F (the r×r grams; not squared)."""
-    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    return torch.linalg.matrix_norm(B.T @ B - eye) + torch.linalg.matrix_norm(A @ A.T - eye)
 
 
 @register
@@ -56,8 +51,9 @@ class KaSA(AdapterConfig):
     raises the loss on an English sentence from 3.14 to 12.95 (the same as truncating the weights
     directly; the v_proj layers, k = 192, lose up to 2.8 % of their Σσ²): the truncation is not free on
     small models.
-    Defaults: r 16, α = r (the paper: GLUE r 8, LLaMA-3 r 32, both α = 2r: pass alpha=2*rank for its s = 2),
-    dropout 0, lr 3e-4, weight decay 0.
+    Scaling: s = α/r with α = None meaning α = 2r, i.e. the paper's s = 2 at any rank (its GLUE r 8 α 16 and
+    LLaMA-3 r 32 α 64); an explicit α gives s = α/r (α/√r with rsLoRA). Defaults: r 16 (s = 2), dropout 0,
+    lr 3e-4, weight decay 0.
     """
 
     beta: float = 1e-4
@@ -74,9 +70,7 @@ class KaSA(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for field in ("beta", "gamma"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
-                raise ValueError(f"KaSA: {field} must be a finite number >= 0, got {value!r}.")
+            check_number(self, field, getattr(self, field), low=0, finite=True)
 
     def initialize(self, weights, names, calibration=None) -> Init:
         b, m, n = weights.shape
@@ -89,6 +83,12 @@ class KaSA(AdapterConfig):
         return Init(A=A.to(device), B=B.to(device), subtract=False, core={"value": d.to(device)}, A0=A0, B0=B0)
 
     core_type = Delta
+
+    @property
+    def scaling(self) -> float:
+        """s = α/r (α/√r with rsLoRA), α = None meaning 2r: the paper's s = 2."""
+        alpha = 2 * self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def regularizer(self, layer) -> Tensor:
         d = layer.core.value

@@ -6,7 +6,6 @@ as PEFT), B = 0, s = α/r (rsLoRA: α/√r, https://arxiv.org/abs/2312.03732). D
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import layer_seed
+from svdkit.core.linalg import kaiming_uniform, layer_generator
 
 
 @register
@@ -31,10 +30,6 @@ class LoRA(AdapterConfig):
 
     def initialize(self, weights, names, calibration=None) -> Init:
         b, m, n = weights.shape
-        bound = 1.0 / math.sqrt(n)  # kaiming_uniform(a=√5) on an (r × n) matrix
-        A = torch.stack([
-            torch.rand(self.rank, n, generator=torch.Generator().manual_seed(layer_seed(self.seed, name)))
-            for name in names
-        ]) * (2 * bound) - bound  # fmt: skip
+        A = torch.stack([kaiming_uniform((self.rank, n), n, layer_generator(self.seed, name)) for name in names])
         B = torch.zeros(b, m, self.rank)
         return Init(A=A.to(weights.device), B=B.to(weights.device), subtract=False)

@@ -15,7 +15,7 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import BlockScale
 from svdkit.adapters.layers import Init
-from svdkit.adapters.zoo.nlora import kaiming_uniform, layer_generator
+from svdkit.core.linalg import kaiming_uniform, layer_generator
 
 
 @register
@@ -50,7 +50,7 @@ class MultiLoRA(AdapterConfig):
         b, m, n = weights.shape
         r, k, A, B = self.rank, self.n_loras * self.rank, [], []
         for name in names:
-            g = layer_generator(self, name)
+            g = layer_generator(self.seed, name)
             A.append(kaiming_uniform((k, n), n, g, self.dtype))
             B.append(kaiming_uniform((m, k), r, g, self.dtype))
         scales = torch.zeros(b, self.n_loras, dtype=self.dtype)

@@ -12,26 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Delta
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import pivoted_qr
+from svdkit.core.linalg_qr import pivoted_qr
+from svdkit.core.linalg_rank import energy_rank
 
 ENERGIES = ("abs", "squared")
-
-
-def energy_rank(diag: Tensor, tau: float, energy: str = "abs", max_rank: int | None = None) -> int:
-    """Smallest r with Σ_{i≤r} e_i ≥ τ·Σ_i e_i for e = |diag| (``"abs"``) or diag² (``"squared"``), capped."""
-    e = diag.abs().double()
-    if energy == "squared":
-        e = e.square()
-    cumulative = torch.cumsum(e, 0)
-    r = int((cumulative < tau * cumulative[-1]).sum()) + 1  # all-zero W: r = 1
-    r = min(r, diag.shape[0])
-    return r if max_rank is None else min(r, max_rank)
 
 
 @register
@@ -44,7 +33,7 @@ class QRLoRA(AdapterConfig):
     (``energy="squared"``): the method section's formula could not be checked, so both are offered.
     ``rank`` is unused; ``max_rank`` (None: no cap) caps r. Layers get different ranks (not batched).
     Exports as an exact rank-r LoRA (B = Q_r diag(λ), A = (R Pᵀ)_{:r}). The pivoted QR is svdkit's own
-    Householder/Businger–Golub routine (``svdkit.core.linalg.pivoted_qr``). Layer selection and learning rate
+    Householder/Businger–Golub routine (``svdkit.core.linalg_qr.pivoted_qr``). Layer selection and learning rate
     are not given by the paper [?]: here all-linear targets and the library default lr 2e-4.
     """
 
@@ -76,7 +65,8 @@ class QRLoRA(AdapterConfig):
                 f"QRLoRA initializes one layer at a time (its layers get their own ranks), got {weights.shape[0]}."
             )
         Q, R, perm = pivoted_qr(weights[0], self.dtype)
-        r = energy_rank(R.diagonal(), self.tau, self.energy, self.max_rank)
+        r = energy_rank(R.diagonal(), self.tau, power=1 if self.energy == "abs" else 2)  # e_i = |R_ii| or R_ii²
+        r = r if self.max_rank is None else min(r, self.max_rank)
         A = torch.empty_like(R[:r]).index_copy_(1, perm, R[:r])  # (R Pᵀ)_{:r}: column perm[c] is R's column c
         lam = torch.zeros(1, r, dtype=R.dtype, device=R.device)
         B = Q[:, :r].contiguous()

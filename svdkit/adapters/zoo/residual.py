@@ -76,7 +76,8 @@ class SoMA(AdapterConfig):
     """SoMA (https://arxiv.org/abs/2412.04077): MiLoRA's minor-component residual init with SoMA's defaults.
 
     W = W_res + s·B A,  B = U_{−r} √(Σ_{−r}/s),  A = √(Σ_{−r}/s) V_{−r}ᵀ (bottom-r), as MiLoRA.
-    Defaults (official DINOv2 + Mask2Former config): r = α = 16, dropout 0, AdamW lr 1e-4, and SoMA's
+    Defaults (official DINOv2 + Mask2Former config): r = α = 16, i.e. s = 1, kept at any rank (α = None
+    means α = r; pass alpha=16 for the config's fixed α at another rank), dropout 0, AdamW lr 1e-4, and SoMA's
     annealed weight decay: cosine from the run's weight decay (0.05 by default) at step 0 to
     ``final_weight_decay`` = 1e-5 at the last step,
         λ(t) = λ_T + (λ₀ − λ_T)·½(1 + cos(π t/T)),
@@ -84,7 +85,6 @@ class SoMA(AdapterConfig):
     and freezing the blocks before ``start_lora_idx`` (use ``targets``/``exclude`` for that).
     """
 
-    alpha: float | None = 16
     final_weight_decay: float = 1e-5
 
     name = "soma"

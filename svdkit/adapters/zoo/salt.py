@@ -22,7 +22,7 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Core
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import layer_seed, svd_exact
+from svdkit.core.linalg import kaiming_uniform, layer_generator, truncated_svd
 
 
 
@@ -99,12 +99,10 @@ class SALT(AdapterConfig):
                 f"SALT: rank {r} (the tail LoRA rank) must be <= k - t = {k} - {t} = {k - t} for a {m}×{n} "
                 f"weight (t = max(1, floor(top_fraction·k))); lower the rank or top_fraction."
             )
-        U, S, Vh = svd_exact(weights, k, "top", self.dtype)
-        bound = 1.0 / math.sqrt(r)  # kaiming_uniform(a=√5) on X ((k − t) × r): fan_in = r
-        X = torch.stack([
-            torch.rand(k - t, r, generator=torch.Generator().manual_seed(layer_seed(self.seed, name)), dtype=self.dtype)
-            for name in names
-        ]) * (2 * bound) - bound  # fmt: skip
+        U, S, Vh = truncated_svd(weights, k, "top", "exact", dtype=self.dtype)  # all k (cached if enabled)
+        X = torch.stack([  # kaiming_uniform(a=√5) on X ((k − t) × r): fan_in = r
+            kaiming_uniform((k - t, r), r, layer_generator(self.seed, name), self.dtype) for name in names
+        ])  # fmt: skip
         core = {
             "sigma": S,
             "scale": torch.ones(b, t, dtype=S.dtype, device=S.device),

@@ -3,8 +3,8 @@
     ΔW = s·U diag(σ − σ₀) Vᵀ,   B = U (m × r) and A = Vᵀ (r × n) frozen,  σ trainable from σ₀
 
 The base weight is never touched and the update is zero at init (``cores.Delta`` measures σ from its
-frozen start σ₀), so every method here preserves the function exactly at init. s = alpha/rank scales
-the update (alpha=None: s = 1). SVFit trains the top-r values (an exact rank-r LoRA export); CLIP-SVD
+frozen start σ₀), so every method here preserves the function exactly at init. s scales the update:
+alpha/rank for SVFit, alpha for CLIP-SVD and VectorFit, which ignore rank (alpha=None: s = 1). SVFit trains the top-r values (an exact rank-r LoRA export); CLIP-SVD
 and VectorFit train all k = min(m, n) of them (rank(ΔW) can reach k: ship merged weights). VectorFit
 also trains a bias Δb and freezes its most-trained vectors periodically (Adaptive Vector Freezing).
 """
@@ -21,9 +21,11 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Delta
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import layer_seed, svd_exact, truncated_svd
+from svdkit.core.checks import check_number
+from svdkit.core.linalg import layer_seed, truncated_svd
+from svdkit.core.linalg_rank import energy_rank
 
-AVF_FROZEN = "avf_frozen"  # attribute on an adapted layer: names of its vectors frozen by AVF
+AVF_FROZEN = "avf_frozen"  # key in an adapted layer's method_state: bool per adapter parameter, frozen by AVF
 
 
 def spectral_init(U: Tensor, S: Tensor, Vh: Tensor, bias: bool = False) -> Init:
@@ -34,17 +36,7 @@ def spectral_init(U: Tensor, S: Tensor, Vh: Tensor, bias: bool = False) -> Init:
 
 def full_spectrum(cfg: AdapterConfig, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """All k = min(m, n) singular triplets by exact SVD, in the config's compute dtype."""
-    return svd_exact(weights, min(weights.shape[-2:]), "top", cfg.dtype)
-
-
-def energy_rank(S: Tensor, weights: Tensor, energy: float, dtype: torch.dtype) -> int:
-    """Smallest r with Σ_{i≤r} σᵢ² ≥ energy·‖W‖_F², capped at len(S) (the top ``rank`` values given).
-
-    ``S`` (1, r_max) are the top singular values of the single matrix ``weights`` (1, m, n).
-    """
-    total = torch.linalg.matrix_norm(weights.to(dtype)).square()  # ‖W‖_F² = Σ over all k of σᵢ²
-    share = torch.cumsum(S.square(), dim=-1) / total[..., None]
-    return min(int((share < energy).sum()) + 1, S.shape[-1])
+    return truncated_svd(weights, min(weights.shape[-2:]), "top", "exact", dtype=cfg.dtype)  # cached if enabled
 
 
 def training_strengths(layer) -> list[tuple[str, Tensor]]:
@@ -56,19 +48,19 @@ def training_strengths(layer) -> list[tuple[str, Tensor]]:
     return out
 
 
+def avf_frozen(layer) -> frozenset[str]:
+    """Names of the layer's vectors that AVF froze at the last boundary (empty before the first)."""
+    mask = layer.method_state.get(AVF_FROZEN)
+    if mask is None:
+        return frozenset()
+    return frozenset(name for (name, _), frozen in zip(layer.adapter_parameters(), mask.tolist()) if frozen)
+
+
 def choose_frozen(strengths: list[float], fraction: float) -> set[int]:
     """Indices of the ⌈fraction·N⌉ largest strengths (at most N − 1); ties go to the earlier index."""
     n = min(math.ceil(fraction * len(strengths)), len(strengths) - 1)
     order = sorted(range(len(strengths)), key=lambda i: (-strengths[i], i))
     return set(order[:n])
-
-
-def _check_fraction(cfg, field: str, value, low_open: bool, high_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise ValueError(f"{type(cfg).__name__}: {field} must be a number in {interval}, got {value!r}.")
 
 
 @register
@@ -102,7 +94,8 @@ class SVFit(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.energy is not None:
-            _check_fraction(self, "energy (the kept share of Σσ², or None for r = rank)", self.energy, True, False)
+            check_number(self, "energy (the kept share of Σσ², or None for r = rank)", self.energy, low=0, high=1,
+                         low_open=True)  # fmt: skip
 
     def initialize(self, weights, names, calibration=None) -> Init:
         seeds = [layer_seed(self.seed, name) for name in names]
@@ -110,7 +103,8 @@ class SVFit(AdapterConfig):
         if self.energy is not None:
             if weights.shape[0] != 1:
                 raise ValueError("SVFit(energy=...) initializes one matrix at a time (its r depends on the layer).")
-            r = energy_rank(S, weights, self.energy, self.dtype)
+            total = torch.linalg.matrix_norm(weights[0].double()).square()  # ‖W‖_F² = Σ over all k of σᵢ²
+            r = energy_rank(S[0], self.energy, power=2, total=total)  # S: the top `rank` of k values
             U, S, Vh = U[..., :r].contiguous(), S[..., :r].contiguous(), Vh[..., :r, :].contiguous()
         return spectral_init(U, S, Vh)
 
@@ -124,7 +118,7 @@ class CLIPSVD(AdapterConfig):
 
     W' = W + s·U diag(σ − σ₀) Vᵀ over the full exact SVD (k = min(m, n)); equal to the official code's
     W' = U diag(σ) Vᵀ, kept as W plus a zero-at-init update so that the base is never rewritten.
-    ``rank`` is ignored (only alpha/rank enters, as the scaling s; alpha=None: s = 1). k trainable
+    ``rank`` is ignored, in the scaling too (s = alpha; alpha=None: s = 1). k trainable
     values per matrix; rank(ΔW) can reach k, so export_peft refuses: merge and ship dense weights.
     Official defaults (ViT-B/16): lr 5e-4, weight decay 0.01 (AdamW decays σ itself, as the code does).
     """
@@ -153,7 +147,7 @@ class VectorFit(AdapterConfig):
 
     W' = W + s·U diag(σ − σ₀) Vᵀ (full exact SVD, k = min(m, n)),  b' = b + Δb (Δb = 0 at init, trained
     only where the layer has a bias). k (+ m with a bias) trainable values per matrix; ``rank`` is ignored
-    (alpha/rank only sets s; alpha=None: s = 1); full-rank update: merge to export.
+    (s = alpha; alpha=None: s = 1); full-rank update: merge to export.
 
     Adaptive Vector Freezing (the paper names it but gives no public formula; this is our rule): the
     vectors are every adapted layer's σ and Δb. After optimizer step t with t % avf_interval == 0, each
@@ -164,9 +158,10 @@ class VectorFit(AdapterConfig):
     over the layers that share one config (the whole model unless ``overrides`` split it).
     Freezing drops the vector's gradient after clipping (``after_clipping`` sets ``.grad = None``, so
     AdamW skips it: no update, no decay, moments kept) instead of toggling ``requires_grad``, which would
-    break DistributedDataParallel; the frozen names live on the layer as ``layer.avf_frozen``. The rule is
-    a deterministic function of the parameters (identical on every rank); a resumed run starts unfrozen
-    until the next boundary. ``avf_fraction=0`` disables AVF.
+    break DistributedDataParallel; the frozen set is a bool per adapter parameter in the layer's
+    ``method_state`` (read it with ``avf_frozen(layer)``), saved by checkpoints so that a resumed run
+    freezes exactly what the uninterrupted one would. The rule is a deterministic function of the
+    parameters (identical on every rank). ``avf_fraction=0`` disables AVF.
     Defaults (our choices; the paper's values are not available): avf_interval 10, avf_fraction 0.1,
     lr 5e-4 (CLIP-SVD's, the same parametrization), weight decay 0 (σ is real weight mass).
     """
@@ -191,7 +186,7 @@ class VectorFit(AdapterConfig):
             raise ValueError(f"{type(self).__name__}: avf_interval must be a positive integer (steps), "
                              f"got {interval!r}.")
         what = "avf_fraction (the share of vectors frozen; 0 disables AVF)"
-        _check_fraction(self, what, self.avf_fraction, False, True)
+        check_number(self, what, self.avf_fraction, low=0, high=1, high_open=True)
 
     def initialize(self, weights, names, calibration=None) -> Init:
         return spectral_init(*full_spectrum(self, weights), bias=True)
@@ -210,11 +205,12 @@ class VectorFit(AdapterConfig):
         for i in chosen:
             frozen[vectors[i][0]].add(vectors[i][1])
         for name, layer in layers.items():
-            setattr(layer, AVF_FROZEN, frozenset(frozen[name]))
+            mask = [pname in frozen[name] for pname, _ in layer.adapter_parameters()]
+            layer.method_state.set(AVF_FROZEN, torch.tensor(mask, dtype=torch.bool))
 
     def after_clipping(self, layers: dict, peak_lr: float) -> None:
         for layer in layers.values():
-            frozen = getattr(layer, AVF_FROZEN, frozenset())
+            frozen = avf_frozen(layer)
             for pname, p in layer.adapter_parameters():
                 if pname in frozen:
                     p.grad = None

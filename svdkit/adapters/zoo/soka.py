@@ -6,12 +6,12 @@ block W[i1-th block row, j1-th block column] (m2 × n2), so that ℛ(U ⊗ V) = 
 
     ℛ(W) = Σ_k σ_k u_k v_kᵀ  (SVD)   ⇔   W = Σ_k σ_k U_k ⊗ V_k,   U_k = u_k as m1×n1, V_k = v_k as m2×n2.
 
-Everything here is pure tensor algebra on row-major reshapes; the method config is at the bottom.
+The decomposition is :func:`svdkit.core.linalg_structured.kpsvd` (pure tensor algebra on row-major reshapes),
+the rank rule reads :mod:`svdkit.core.linalg_rank`; this file holds the rule, the core and the config.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,78 +21,11 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Core
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import svd_exact
-
-
-# -- Kronecker-product SVD ----------------------------------------------------------------------------
-def closest_divisor(k: int) -> int:
-    """The divisor of k closest to √k (the smaller one on a tie): 576 → 24, 1536 → 32, 96 → 8."""
-    root = math.sqrt(k)
-    return min((d for d in range(1, k + 1) if k % d == 0), key=lambda d: (abs(d - root), d))
-
-
-def rearrange(W: Tensor, m1: int, n1: int) -> Tensor:
-    """ℛ(W): (..., m1·m2, n1·n2) → (..., m1·n1, m2·n2), row i1·n1 + j1 = the flattened block (i1, j1)."""
-    *lead, m, n = W.shape
-    m2, n2 = m // m1, n // n1
-    blocks = W.reshape(*lead, m1, m2, n1, n2).transpose(-3, -2)  # (..., m1, n1, m2, n2)
-    return blocks.reshape(*lead, m1 * n1, m2 * n2)
-
-
-def unrearrange(M: Tensor, m1: int, n1: int, m2: int, n2: int) -> Tensor:
-    """Inverse of :func:`rearrange`: (..., m1·n1, m2·n2) → (..., m1·m2, n1·n2)."""
-    *lead, _, _ = M.shape
-    return M.reshape(*lead, m1, n1, m2, n2).transpose(-3, -2).reshape(*lead, m1 * m2, n1 * n2)
-
-
-def kron_rearranged(sigma: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    """ℛ(Σ_k σ_k U_k ⊗ V_k) = Σ_k σ_k vec(U_k) vec(V_k)ᵀ: one (m1n1 × R)·(R × m2n2) product."""
-    R = U.shape[0]
-    return (U.reshape(R, -1) * sigma[:, None]).T @ V.reshape(R, -1)
-
-
-def kron_sum(sigma: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    """Σ_k σ_k U_k ⊗ V_k for σ (R,), U (R, m1, n1), V (R, m2, n2), as a dense (m1·m2 × n1·n2) matrix."""
-    return unrearrange(kron_rearranged(sigma, U, V), *U.shape[1:], *V.shape[1:])
-
-
-def kpsvd(W: Tensor, m1: int, n1: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
-    """Full Kronecker-product SVD of one (m × n) matrix: σ (K,), U (K, m1, n1), V (K, m2, n2), σ descending.
-
-    K = min(m1·n1, m2·n2); W = Σ_k σ_k U_k ⊗ V_k exactly, with the engine's sign convention on ℛ(W).
-    """
-    m, n = W.shape
-    m2, n2 = m // m1, n // n1
-    M = rearrange(W.to(dtype), m1, n1)
-    u, S, vh = svd_exact(M, min(M.shape), "top", dtype)
-    return S, u.T.reshape(-1, m1, n1), vh.reshape(-1, m2, n2)
+from svdkit.core.linalg_rank import elbow_rank, energy_rank
+from svdkit.core.linalg_structured import closest_divisor, kpsvd, kron_rearranged, unrearrange
 
 
 # -- the rank rule --------------------------------------------------------------------------------------
-def cumulative_energy(S: Tensor) -> Tensor:
-    """E(k) = Σ_{i≤k} σ_i² / Σ_i σ_i², k = 1..K (fp64)."""
-    e = S.double() ** 2
-    return e.cumsum(0) / e.sum()
-
-
-def energy_rank(S: Tensor, threshold: float) -> int:
-    """The smallest k with E(k) ≥ threshold."""
-    E = cumulative_energy(S)
-    return min(int((E < threshold - 1e-12).sum()) + 1, S.numel())
-
-
-def elbow_rank(S: Tensor) -> int:
-    """The elbow (knee) of the cumulative-energy curve: the largest k maximizing E(k) − k/K.
-
-    E rises above its chord from (0, 0) to (K, 1) while σ_k² exceeds the mean σ², so this keeps the
-    terms of above-average energy; a flat spectrum has no elbow and gives K.
-    """
-    K = S.numel()
-    gain = cumulative_energy(S) - torch.arange(1, K + 1, dtype=torch.float64) / K
-    best = gain.max()
-    return int(torch.nonzero(gain >= best - 1e-12).max()) + 1
-
-
 def kronecker_rank(S: Tensor, energy: float, elbow: bool, cap: int) -> int:
     """R = min(energy rank, elbow rank, cap), at least 1: a term is dropped if either criterion calls it negligible."""
     r = energy_rank(S, energy)

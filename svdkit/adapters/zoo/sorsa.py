@@ -20,7 +20,9 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Core, Delta
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import layer_seed, svd_exact, truncated_svd
+from svdkit.core.checks import check_number
+from svdkit.core.linalg import layer_seed, truncated_svd
+from svdkit.core.linalg_rank import orthogonality as factor_orthogonality
 
 
 def spectral_init(cfg: AdapterConfig, weights: Tensor, names, which: str) -> Init:
@@ -30,21 +32,9 @@ def spectral_init(cfg: AdapterConfig, weights: Tensor, names, which: str) -> Ini
     return Init(A=Vh, B=U, subtract=True, core={"value": S})
 
 
-def gram_deviation(Q: Tensor, rows: bool) -> Tensor:
-    """‖QᵀQ − I‖_F (orthonormal columns) or, with ``rows``, ‖QQᵀ − I‖_F (orthonormal rows); not squared."""
-    G = Q @ Q.T if rows else Q.T @ Q
-    return torch.linalg.matrix_norm(G - torch.eye(G.shape[0], dtype=G.dtype, device=G.device))
-
-
 def orthonormality(layer) -> Tensor:
     """SORSA's L_o of one layer: ‖U_pᵀU_p − I_r‖_F + ‖V_pᵀV_p − I_r‖_F with U_p = B (m×r), V_pᵀ = A (r×n)."""
-    return gram_deviation(layer.lora_B, rows=False) + gram_deviation(layer.lora_A, rows=True)
-
-
-def check_weights(cfg: AdapterConfig, **weights: float) -> None:
-    for field, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
-            raise ValueError(f"{type(cfg).__name__}: {field} must be a finite number >= 0, got {value!r}.")
+    return factor_orthogonality(layer.lora_B, layer.lora_A)
 
 
 @register
@@ -54,12 +44,14 @@ class SORSA(AdapterConfig):
 
     W' = W_r + s·U_p diag(σ_p) V_pᵀ (top-r, all three trainable), W_r = W − s·U_p diag(σ_p) V_pᵀ at init
     (σ not divided by s); s = α/r, s = 1 with α None (the default). Trains r(m+n+1) per matrix.
-    Regularizer: L_o = mean over the adapted matrices of ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F (not squared);
+    Regularizer (the official code's normalization): L_o = Σ over the adapted matrices of
+    (‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F) divided by the number of factor matrices (2 per adapted matrix),
+    i.e. the mean over U_p and V_p factors of their norm (not squared);
     after gradient clipping, (γ/η_max)·∇L_o is added to ``.grad`` unclipped (η_max: the peak lr), then
     AdamW steps (``svdkit.after_clipping``; ``svdkit finetune`` and ``svdkit.training.hf.SvdkitCallback`` call it).
     Defaults (paper/code): γ = 4e-4, lr 3e-5, weight decay 0, dropout 0; rank 128 there, 16 here.
-    Paper vs code: the code divides the summed norms by the number of *factor* matrices (2 per layer), i.e.
-    half this mean; here the mean is over adapted weight matrices as the paper's per-matrix L_o reads.
+    Paper vs code: read per weight matrix, the paper's L_o would be twice this at the same γ; the code's
+    division by the factor count is what γ = 4e-4 was tuned with, so it is the default here.
     The mean is taken over the layers sharing one config (all of them unless per-module overrides split them).
     """
 
@@ -75,7 +67,7 @@ class SORSA(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_weights(self, gamma=self.gamma)
+        check_number(self, "gamma", self.gamma, low=0, finite=True)
 
     def initialize(self, weights, names, calibration=None) -> Init:
         return spectral_init(self, weights, names, "top")
@@ -83,7 +75,7 @@ class SORSA(AdapterConfig):
     core_type = Delta
 
     def after_clipping(self, layers: dict, peak_lr: float) -> None:
-        """grad += (γ/η_max)·∇L_o, L_o the mean of the layers' orthonormality terms."""
+        """grad += (γ/η_max)·∇L_o, L_o the mean over the layers' factor matrices (2 per layer) of their norm."""
         if self.gamma == 0 or not layers:
             return
         if not peak_lr > 0:
@@ -92,7 +84,7 @@ class SORSA(AdapterConfig):
         if not params:
             return
         with torch.enable_grad():
-            loss = sum(orthonormality(layer) for layer in layers.values()) / len(layers)
+            loss = sum(orthonormality(layer) for layer in layers.values()) / (2 * len(layers))
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         scale = self.gamma / peak_lr
         with torch.no_grad():
@@ -176,12 +168,13 @@ class Effort(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_weights(self, orth_weight=self.orth_weight, norm_weight=self.norm_weight)
+        for field in ("orth_weight", "norm_weight"):
+            check_number(self, field, getattr(self, field), low=0, finite=True)
 
     def initialize(self, weights, names, calibration=None) -> Init:
         if self.orth_weight == 0:
             return spectral_init(self, weights, names, "bottom")
-        U, S, Vh = svd_exact(weights, min(weights.shape[-2:]), "top", self.dtype)
+        U, S, Vh = truncated_svd(weights, min(weights.shape[-2:]), "top", "exact", dtype=self.dtype)
         cut = S.shape[-1] - self.rank
         core = {"value": S[:, cut:], "U_main": U[:, :, :cut], "Vh_main": Vh[:, :cut, :]}
         return Init(A=Vh[:, cut:, :].contiguous(), B=U[:, :, cut:].contiguous(), subtract=True,

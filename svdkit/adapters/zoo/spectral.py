@@ -20,6 +20,7 @@ from svdkit.core.registry import register
 from svdkit.adapters.cores import Core, Fixed
 from svdkit.adapters.layers import Init
 from svdkit.core.linalg import layer_seed, truncated_svd
+from svdkit.core.linalg_structured import cayley, skew
 
 
 def top_svd(cfg: AdapterConfig, weights: Tensor, names) -> tuple[Tensor, Tensor, Tensor]:
@@ -52,19 +53,6 @@ class SpectralAdapterA(AdapterConfig):
         return Init(A=Vh, B=U, core={"value": S})  # subtract: B₀ = U_r Σ_r, A₀ = V_rᵀ
 
     core_type = Fixed
-
-
-def skew(entries: Tensor, r: int) -> Tensor:
-    """The r×r skew-symmetric K whose strict upper triangle (row-major) is ``entries`` (r(r−1)/2 values)."""
-    i, j = torch.triu_indices(r, r, 1, device=entries.device)
-    upper = torch.zeros(r, r, dtype=entries.dtype, device=entries.device).index_put((i, j), entries)
-    return upper - upper.T
-
-
-def cayley(K: Tensor) -> Tensor:
-    """Q = (I − K)(I + K)⁻¹, orthogonal for skew-symmetric K (the two factors commute)."""
-    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
-    return torch.linalg.solve(eye + K, eye - K)
 
 
 class CayleyCore(Core):

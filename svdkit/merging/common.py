@@ -1,0 +1,75 @@
+"""What every merge method shares: the method protocol, input checks, and the rules for non-matrix tensors.
+
+A merge method is a frozen config dataclass registered with ``kind = "merge"`` (one file per method). The
+engine (:mod:`svdkit.merging.engine`) streams the models tensor by tensor and calls, per tensor name ``key``:
+
+- ``cfg.merge(deltas, weights, key, state) -> Tensor``: the merged task delta Δ (already scaled by α) from
+  the T task deltas Δ_t = W_t − W_0 (fp32, or fp64 when ``svd_dtype="float64"``, stored as the checkpoint
+  stores them), or, for a base-free method (``base_free = True``: LoRE), the merged *weight* from the T
+  weights;
+- LoRA-native methods (``lora_native = True``: KnOTS, Core Space) also define ``merge_factors(factors, key)``
+  on the tasks' low-rank factors ``[(B_t, A_t)]`` (Δ_t = B_t A_t, weights folded in) and return ``(B, A)``
+  with B A = the merged Δ, without forming any m×n matrix;
+- an optional ``prepare(stream)`` pass (TIES with ``topk_scope="model"``) returns the ``state`` handed to
+  ``merge``.
+
+ClassVars: ``name``, ``kind``, ``paper``, ``summary`` (as every family), ``min_models`` (fewer inputs is an
+error), ``base_free`` and ``lora_native``. Matrix methods apply their SVD rule to 2-D tensors only; every
+other tensor (biases, norms) takes the weighted mean of the task deltas (the TSV/Iso papers' rule), scaled
+by α like the matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_alpha(cfg, field: str = "alpha") -> None:
+    value = getattr(cfg, field)
+    if not value > 0:
+        raise ValueError(f"{cfg.name}: {field} must be > 0 (got {value}); it scales the merged task vector.")
+
+
+def check_fraction(cfg, field: str, low_open: bool = True) -> None:
+    value = getattr(cfg, field)
+    if value is None:
+        return
+    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+        raise ValueError(f"{cfg.name}: {field} must be in (0, 1] (got {value}).")
+
+
+def check_choice(cfg, field: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, field)
+    if value not in choices:
+        raise ValueError(f"{cfg.name}: {field} must be one of {choices} (got {value!r}).")
+
+
+def compute_dtype(cfg) -> torch.dtype:
+    return DTYPES[getattr(cfg, "svd_dtype", "float32")]
+
+
+def is_matrix(x: Tensor) -> bool:
+    """Tensors the SVD rules apply to: 2-D with both sides > 1."""
+    return x.ndim == 2 and min(x.shape) > 1
+
+
+def weighted(deltas: list[Tensor], weights: list[float]) -> list[Tensor]:
+    return [d if w == 1 else d * w for d, w in zip(deltas, weights)]
+
+
+def weighted_mean(deltas: list[Tensor], weights: list[float]) -> Tensor:
+    """(1/T) Σ_t w_t Δ_t: the plain mean of the task deltas when every weight is 1."""
+    return sum(weighted(deltas, weights)) / len(deltas)
+
+
+def dense_factors(delta: Tensor, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
+    """(B, A) with B A = Δ exactly (up to rounding) for a dense task delta: B = U diag(σ), A = Vᵀ over the
+    singular values above ``tol``·σ₁, so LoRA-native methods also take fully fine-tuned models."""
+    from svdkit.core.linalg_merge import thin_svd
+
+    U, S, Vh = thin_svd(delta)
+    keep = int((S > tol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    return U[:, :keep] * S[:keep], Vh[:keep]
