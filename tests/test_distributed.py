@@ -46,7 +46,7 @@ def test_split_init_equals_single_process_init(tmp_path):
     single = svdkit.adapt(tiny_model("llama"), svdkit.PiSSA(**CFG), progress=False)
     expected = {n: (l.lora_A.detach(), l.lora_B.detach()) for n, l in adapted_layers(single)}
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got.keys() == expected.keys()
         for name, (A, B) in expected.items():
             assert torch.equal(got[name][0], A) and torch.equal(got[name][1], B), (rank, name)

@@ -252,7 +252,7 @@ def test_clover_grouped_init_split_across_ranks(tmp_path):
     mp.start_processes(_vo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     expected = svdkit.adapt(attention_stack(), VO_CFG, progress=False).state_dict()
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), rank
         assert sum(k.endswith(".core.value") for k in got) == 6  # 3 blocks: q (a batch) and v (a group) each
 

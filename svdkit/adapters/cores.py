@@ -154,6 +154,17 @@ class Core(nn.Module):
         return cls(**tensors, **extra)
 
 
+def hold_value(core: nn.Module, value: Tensor, initial: Tensor | None) -> None:
+    """Give ``core`` a trainable ``value`` and an optional frozen ``initial`` buffer, as contiguous copies
+    (torch's QR returns column-major R: a fresh and a loaded core then take the same kernels, so save/load
+    reproduces outputs bit for bit)."""
+    core.value = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format))
+    if initial is not None:
+        core.register_buffer("initial", initial.detach().clone(memory_format=torch.contiguous_format))
+    else:
+        core.initial = None
+
+
 class Delta(Core):
     """C = value − initial: a trainable vector or matrix, measured from its frozen starting point.
 
@@ -163,11 +174,7 @@ class Delta(Core):
 
     def __init__(self, value: Tensor, initial: Tensor | None = None):
         super().__init__()
-        self.value = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format))
-        if initial is not None:
-            self.register_buffer("initial", initial.detach().clone(memory_format=torch.contiguous_format))
-        else:
-            self.initial = None
+        hold_value(self, value, initial)
 
     def forward(self) -> Tensor:
         return self.value if self.initial is None else self.value - self.initial

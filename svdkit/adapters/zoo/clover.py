@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
-from svdkit.adapters.cores import Blocks, Core
+from svdkit.adapters.cores import Blocks, Core, hold_value
 from svdkit.adapters.layers import Init, weight_matrix
 from svdkit.core.linalg_structured import block_diagonal, head_product_svd, head_qr
 
@@ -46,13 +46,7 @@ class HeadCores(Core):
 
     def __init__(self, value: Tensor, initial: Tensor | None = None):
         super().__init__()
-        # contiguous copies (torch's QR returns R column-major): a fresh and a loaded core then take the same
-        # batched-matmul path, so save/load reproduces the outputs bit for bit
-        self.value = nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format))
-        if initial is not None:
-            self.register_buffer("initial", initial.detach().clone(memory_format=torch.contiguous_format))
-        else:
-            self.initial = None
+        hold_value(self, value, initial)
 
     def forward(self) -> Tensor:
         return block_diagonal(self.structured().blocks)
