@@ -73,3 +73,28 @@ def dense_factors(delta: Tensor, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
     U, S, Vh = thin_svd(delta)
     keep = int((S > tol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
     return U[:, :keep] * S[:keep], Vh[:keep]
+
+
+# -- the LoRA-native methods (KnOTS, Core Space): one config check, one dense fallback ----------------------
+def check_lora_native(cfg, rules: tuple[str, ...]) -> None:
+    """Fields of a LoRA-native merge: alpha > 0, an inner rule among ``rules``, a TIES density in (0, 1], the SVD dtype."""
+    check_alpha(cfg)
+    check_choice(cfg, "inner", rules)
+    check_fraction(cfg, "density")
+    check_choice(cfg, "svd_dtype", ("float32", "float64"))
+
+
+def no_update(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
+    """Empty (B, A) when no input's factors change this matrix (total rank 0), else None."""
+    if sum(B.shape[1] for B, _ in factors) == 0:
+        return factors[0][0][:, :0], factors[0][1][:0]
+    return None
+
+
+def merge_dense_via_factors(cfg, deltas: list[Tensor], weights: list[float], key: str = "") -> Tensor:
+    """A LoRA-native method on dense deltas: non-matrices take alpha·(weighted mean); a matrix Δ_t is factored
+    exactly (``dense_factors``) and merged by ``cfg.merge_factors``."""
+    if not is_matrix(deltas[0]):
+        return cfg.alpha * weighted_mean(deltas, weights)
+    B, A = cfg.merge_factors([dense_factors(d * w) for d, w in zip(deltas, weights)], key)
+    return B @ A

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from svdkit.core.linalg_merge import thin_svd
 from svdkit.core.registry import config_to_dict, register
-from svdkit.merging.common import check_alpha, check_choice, check_fraction, dense_factors, is_matrix, weighted_mean
+from svdkit.merging.common import check_lora_native, merge_dense_via_factors, no_update
 from svdkit.merging.inner import RULES, inner_merge
 
 
@@ -58,24 +58,18 @@ class CoreSpace:
     svd_dtype: str = "float64"  # the official code's
 
     def __post_init__(self):
-        check_alpha(self)
-        check_choice(self, "inner", RULES)
-        check_fraction(self, "density")
-        check_choice(self, "svd_dtype", ("float32", "float64"))
+        check_lora_native(self, RULES)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
     def merge_factors(self, factors: list[tuple[Tensor, Tensor]], key: str = "") -> tuple[Tensor, Tensor]:
-        if sum(B.shape[1] for B, _ in factors) == 0:  # no input changes this matrix
-            return factors[0][0][:, :0], factors[0][1][:0]
+        if (empty := no_update(factors)) is not None:
+            return empty
         U_ref, cores, V_ref = core_space(factors)
         if U_ref.shape[1] == 0 or V_ref.shape[0] == 0:
             return U_ref[:, :0], V_ref[:0]
         return self.alpha * (U_ref @ inner_merge(cores, self.inner, self.density)), V_ref
 
     def merge(self, deltas: list[Tensor], weights: list[float], key: str = "", state=None) -> Tensor:
-        if not is_matrix(deltas[0]):
-            return self.alpha * weighted_mean(deltas, weights)
-        B, A = self.merge_factors([dense_factors(d * w) for d, w in zip(deltas, weights)], key)
-        return B @ A
+        return merge_dense_via_factors(self, deltas, weights, key)
