@@ -34,8 +34,9 @@ finetune: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/svdkit demo --out runs/demo --overwrite
 
+# Two workers (pytest-xdist), one torch thread each (tests/conftest.py): the suite in about 2 minutes on 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/init_speed.py

@@ -14,7 +14,13 @@ calibration half, AdamW) of the last one. The papers' ordering at 20 % on LLaMA-
 (SVD 20061 ≫ FWSVD 1727 ≫ ASVD 11.14 > SVD-LLM 7.94) is checked on the 20 % column.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compress.py [--heldout 16] [--calibration 16]
-      [--ratios 0.2,0.4,0.6] [--heal-steps 20] [--out benchmarks/results/compress.md]
+      [--ratios 0.2,0.4,0.6] [--methods svd,asvd,...] [--heal-steps 20] [--out benchmarks/results/compress.md]
+      [--reuse] [--measure 0.4,0.6] [--option asvd:allocation=uniform]
+Every measured row is also stored in ``<out>.json`` (keyed by method, ratio, options, calibration size, with the
+held-out/calibration settings); ``--reuse`` keeps the rows already there for the same settings, so the grid can
+be filled by several shorter runs (each run says which rows it measured and which it reused); ``--measure``
+limits the ratios measured in this run (the others are shown only where ``--reuse`` finds them; "none": only
+render the table from the stored rows).
 (one thread: on a shared 2-core machine OpenMP's spinning threads make LAPACK ~10× slower.)
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
@@ -34,7 +41,21 @@ import svdkit  # noqa: E402
 from common import log, provenance, write_report
 from svdkit.training import batches as tensors, data  # noqa: E402
 
-METHODS = ("svd", "fwsvd", "asvd", "svd-llm", "svd-llm-v2", "welore")
+METHODS = ("svd", "fwsvd", "asvd", "svd-llm", "svd-llm-v2", "welore", "clover-prune")
+PARTIAL = {"clover-prune": "v_proj + o_proj only"}  # methods whose ratio is of a subset of the linears
+
+
+def parse_value(text: str):
+    """'0.25' → 0.25, '3' → 3, 'true' → True, other text as is (for --option)."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def forward_ratio(model, base, batch, repeats: int = 3) -> float:
@@ -81,8 +102,20 @@ def main() -> None:
     ap.add_argument("--heal-lr", type=float, default=3e-4)
     ap.add_argument("--no-steps", action="store_true", help="skip the SVD-LLM steps (update, more data, healing)")
     ap.add_argument("--out", default="benchmarks/results/compress.md")
+    ap.add_argument("--reuse", action="store_true", help="keep rows already stored in <out>.json for the same settings")
+    ap.add_argument("--measure", default=None, help="ratios to measure (default: all of --ratios; 'none': only reuse)")
+    ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="a config option for one method's rows, e.g. asvd:allocation=uniform (repeatable)")
     args = ap.parse_args()
+    method_options: dict[str, dict] = {}
+    for spec in args.option:
+        method, _, kv = spec.partition(":")
+        key, _, value = kv.partition("=")
+        method_options.setdefault(method, {})[key] = parse_value(value)
     ratios = [float(r) for r in args.ratios.split(",")]
+    measure = ratios if args.measure is None else [] if args.measure == "none" else [float(r) for r in args.measure.split(",")]
+    if measure and not args.reuse and measure != ratios:
+        ap.error("--measure needs --reuse (the other ratios come from the stored rows)")
     base, tok = svdkit.load_model("default")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples = data.load_examples("lee", tok, max_length=128)
@@ -94,16 +127,40 @@ def main() -> None:
     dense = ppl(base)
     log(f"dense perplexity {dense:.3f} on {len(held)} × 128 held-out tokens")
     results: dict[tuple[str, float], dict] = {}
+    store_path = os.path.splitext(args.out)[0] + ".json"
+    settings = {"heldout": len(held), "sequence": 128, "dense_ppl": round(dense, 6), "seed": 0}
+    store = {"settings": settings, "rows": {}}
+    if args.reuse and os.path.exists(store_path):
+        with open(store_path) as f:
+            old = json.load(f)
+        if old.get("settings") == settings:
+            store = old
+        else:
+            log(f"{store_path} has other settings ({old.get('settings')}); not reusing it")
+    measured, reused = [], []
 
-    def run(method: str, ratio: float, n_cal: int, **options) -> tuple[dict, torch.nn.Module]:
+    def key(method: str, ratio: float, n_cal: int, options: dict) -> str:
+        return json.dumps([method, ratio, n_cal, sorted(options.items())])
+
+    def run(method: str, ratio: float, n_cal: int, **options) -> tuple[dict, torch.nn.Module | None]:
+        k = key(method, ratio, n_cal, options)
+        if k in store["rows"] and not options.get("update"):  # the update rows feed the healing step: rerun
+            reused.append(k)
+            return store["rows"][k], None
+        if ratio not in measure:
+            return None, None
         model = copy.deepcopy(base)
         cfg = svdkit.config(method, ratio=ratio, **options)
         t = time.perf_counter()
         report = svdkit.compress(model, cfg, calibration=cal(n_cal) if cfg.uses_calibration else None, progress=False)
-        row = {"ppl": ppl(model), "seconds": time.perf_counter() - t, "removed": report.removed,
+        seconds = time.perf_counter() - t  # calibration + compression, not the held-out evaluation
+        row = {"ppl": ppl(model), "compress_s": seconds, "seconds": time.perf_counter() - t, "removed": report.removed,
                "peak_mib": report.statistics_peak_bytes / 2**20, "all_mib": report.statistics_total_bytes / 2**20,
                "mode": report.mode, "forward": forward_ratio(model, base, timing)}  # fmt: skip
         log(f"{method} {options} ratio {ratio} cal {n_cal}: {row}")
+        store["rows"][k] = row
+        measured.append(k)
+        write_report(store_path, json.dumps(store, indent=1) + "\n")
         return row, model
 
     methods = args.methods.split(",")
@@ -113,23 +170,31 @@ def main() -> None:
         lines = provenance(f"held-out {len(held)} × 128 tokens of lee_background (disjoint from calibration); "
                            f"calibration {args.calibration} × 128 tokens; threads {torch.get_num_threads()}")  # fmt: skip
         lines += ["", f"Dense (untouched) perplexity: **{dense:.2f}**.", "",
-                  "| method | " + " | ".join(f"ppl @ {r:.0%} removed" for r in ratios) + " | ppl / dense @ first | "
-                  "compress s (first) | stats held at once / all, MiB | forward time vs original |",
-                  "|---|" + "---|" * (len(ratios) + 4)]  # fmt: skip
+                  "| method | " + " | ".join(f"ppl @ {r:.0%} removed" for r in ratios) + " | ppl / dense @ first measured | "
+                  "compress s per ratio | stats held at once / all, MiB | forward time vs original | removed (achieved) |",
+                  "|---|" + "---|" * (len(ratios) + 5)]  # fmt: skip
         for method in methods:
-            got = {r: results[(method, r)] for r in ratios if (method, r) in results}
-            if ratios[0] not in got:
+            got = {r: results[(method, r)] for r in ratios if results.get((method, r)) is not None}
+            if not got:
                 continue
-            first = got[ratios[0]]
+            first = got[min(got)]
+            opts = method_options.get(method)
+            label = method + (f" ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts else "")
+            label += f" — ratio of {PARTIAL[method]}" if method in PARTIAL else ""
             cells = " | ".join(f"{got[r]['ppl']:.4g}" if r in got else "not run" for r in ratios)
             mem = f"{first['peak_mib']:.1f} / {first['all_mib']:.1f}" if first["all_mib"] else "0 (data-free or vectors)"
             fwd = " / ".join(f"{got[r]['forward']:.2f}×" for r in ratios if r in got)
-            lines.append(f"| {method} | {cells} | {first['ppl'] / dense:.3g}× | {first['seconds']:.0f} | {mem} | {fwd} |")
+            secs = " / ".join(f"{got[r]['compress_s']:.0f}" if "compress_s" in got[r] else f"{got[r]['seconds']:.0f}*"
+                              for r in ratios if r in got)
+            done = " / ".join(f"{got[r]['removed']:.2%}" for r in ratios if r in got)
+            lines.append(f"| {label} | {cells} | {first['ppl'] / dense:.3g}× | {secs} | {mem} | {fwd} | {done} |")
         if steps:
             lines += ["", "Steps toward dense quality at 20 % removed (SVD-LLM):", "",
                       "| step | calibration sequences | ppl | ppl / dense |", "|---|---|---|---|"]  # fmt: skip
             lines += [f"| {name} | {n} | {p:.4g} | {p / dense:.3g}× |" for name, n, p in steps]
-        if all((m, 0.2) in results for m in ("svd", "fwsvd", "asvd", "svd-llm")):
+        if any("compress_s" not in results[k] for k in results if results[k] is not None):
+            lines += ["", "\\* rows stored before the fix: these seconds also include the held-out perplexity evaluation."]
+        if all(results.get((m, 0.2)) is not None for m in ("svd", "fwsvd", "asvd", "svd-llm")):
             p = {m: results[(m, 0.2)]["ppl"] for m in ("svd", "fwsvd", "asvd", "svd-llm")}
             holds = p["svd"] > p["fwsvd"] > p["asvd"] > p["svd-llm"]
             gain = p["svd"] / p["svd-llm"]
@@ -155,12 +220,13 @@ def main() -> None:
 
     for ratio in ratios:  # the 20 % column first, then its SVD-LLM steps, then the higher ratios
         for method in methods:
-            results[(method, ratio)] = run(method, ratio, args.calibration)[0]
+            results[(method, ratio)] = run(method, ratio, args.calibration, **method_options.get(method, {}))[0]
             write_report(args.out, table())
-        if ratio == 0.2 and "svd-llm" in methods and not args.no_steps:
+        if ratio == 0.2 and ratio in measure and "svd-llm" in methods and not args.no_steps:
             extras()
             write_report(args.out, table())
-    text = table()
+    text = table() + (f"\nRows measured in this run: {len(measured)}; reused from {store_path}: {len(reused)}"
+                       f"{' (' + '; '.join(reused) + ')' if reused else ''}.\n")
     print(text)
     write_report(args.out, text)
     assert all(math.isfinite(r["ppl"]) or r["ppl"] == math.inf for r in results.values())

@@ -20,7 +20,7 @@ from svdkit.training.batches import eval_loss
 CASES = [
     ("nlora", {}), ("nlora", {"preserve_init": False}), ("nlora", {"preserve_init": False, "nystrom_core": "pinv"}),
     ("inttune", {}), ("inttune", {"preserve_init": False}), ("svft", {}), ("svft", {"init": "zero"}),
-    ("kasa", {"rank": 8}),
+    ("kasa", {"rank": 8}), ("kasa", {"rank": 8, "truncate": "paper"}), ("kasa", {}), ("kasa", {"truncate": "paper"}),
 ]  # fmt: skip
 
 

@@ -2,8 +2,10 @@
 
 Both run in this one process on the same fp32 model, alternating (svdkit, WW, svdkit, WW, …), with the
 same thread count for torch and for numpy/scipy's BLAS (threadpoolctl). Reported per tool: the median
-wall time of the analysis (model already loaded), the peak resident memory above the pre-run baseline
-(VmHWM reset before each run; every weight is touched once before, so the model's own pages are in the
+wall time of the analysis (model already loaded) and the median CPU time of the process over the same
+interval (`time.process_time`: on a shared machine the wall time also counts the time other jobs hold the
+cores, the CPU time does not; with 1 thread the two agree on a quiet machine), the peak resident memory
+above the pre-run baseline (VmHWM reset before each run; every weight is touched once before, so the model's own pages are in the
 baseline), the number of matrices analysed; and the agreement of the power-law α
 per matrix (joined by module name): the median |α_svdkit − α_WW|, the share within WeightWatcher's own
 fit tolerance σ_α = (α − 1)/√n, and the matrices that differ most with both fits' x_min and KS distance.
@@ -34,14 +36,14 @@ from svdkit.inspection.spectrum import spectrum  # noqa: E402
 
 
 def _measure(fn):
-    """(result, seconds, peak MiB above the baseline RSS)."""
+    """(result, wall seconds, CPU seconds of this process, peak MiB above the baseline RSS)."""
     malloc_trim()
     reset_hwm()
     base = proc_status_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    seconds = time.perf_counter() - start
-    return out, seconds, (proc_status_kib("VmHWM") - base) / 1024
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return out, seconds, cpu, (proc_status_kib("VmHWM") - base) / 1024
 
 
 def run_svdkit(model):
@@ -95,21 +97,26 @@ def main() -> None:
         touched = sum(float(p.double().sum()) for p in model.parameters())
     log(f"weights resident (checksum {touched:.6g})")
     tools = {"svdkit.spectrum": run_svdkit} | ({"WeightWatcher 0.7.7 analyze()": run_ww} if limits is not None else {})
-    times, peaks, results = {t: [] for t in tools}, {t: [] for t in tools}, {}
+    times, cpus, peaks, results = {t: [] for t in tools}, {t: [] for t in tools}, {t: [] for t in tools}, {}
     for rep in range(args.repeats):
         for tool, fn in tools.items():
             log(f"run {rep + 1}/{args.repeats}: {tool} …")
-            results[tool], sec, peak = _measure(lambda: fn(model))
+            results[tool], sec, cpu, peak = _measure(lambda: fn(model))
             times[tool].append(sec)
+            cpus[tool].append(cpu)
             peaks[tool].append(peak)
-            log(f"  {sec:.1f} s, peak +{peak:.0f} MiB, {len(results[tool])} matrices")
+            log(f"  {sec:.1f} s wall, {cpu:.1f} s CPU, peak +{peak:.0f} MiB, {len(results[tool])} matrices")
     lines = ["# svdkit inspect vs WeightWatcher (default model, SmolLM2-135M-Instruct, fp32)", "",
              *provenance(f"{args.repeats} run(s) per tool, alternating, BLAS threads {args.threads}"), "",
-             "| tool | matrices | median time (s) | time ratio | peak RSS above baseline (MiB) |", "|---|---|---|---|---|"]  # fmt: skip
-    ref = statistics.median(times["svdkit.spectrum"])
+             "| tool | matrices | wall time (s): median (runs) | wall ratio | CPU time (s): median (runs) | CPU ratio | peak RSS above baseline (MiB) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    ref, ref_cpu = statistics.median(times["svdkit.spectrum"]), statistics.median(cpus["svdkit.spectrum"])
     for tool in tools:
-        med = statistics.median(times[tool])
-        lines.append(f"| {tool} | {len(results[tool])} | {med:.1f} | {med / ref:.1f}× | {max(peaks[tool]):.0f} |")
+        med, cpu = statistics.median(times[tool]), statistics.median(cpus[tool])
+        runs = ", ".join(f"{t:.1f}" for t in times[tool])
+        cruns = ", ".join(f"{t:.1f}" for t in cpus[tool])
+        lines.append(f"| {tool} | {len(results[tool])} | {med:.1f} ({runs}) | {med / ref:.1f}× | {cpu:.1f} ({cruns}) | {cpu / ref_cpu:.1f}× | "
+                     f"{max(peaks[tool]):.0f} |")  # fmt: skip
     if limits is not None:
         joined, st = agreement(results["svdkit.spectrum"], results["WeightWatcher 0.7.7 analyze()"])
         lines += ["", f"α agreement over {st['joined']} matrices matched by name: median |Δα| = {st['median_abs_diff']:.2e}, "

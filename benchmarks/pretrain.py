@@ -10,6 +10,7 @@ subspace refreshes (every method sees the same batches, so the jumps are paired 
     .venv/bin/python benchmarks/pretrain.py                       # the main table (2 seeds for the core rows)
     .venv/bin/python benchmarks/pretrain.py --rows sst lost       # add rows
     .venv/bin/python benchmarks/pretrain.py --spike               # on_switch: keep / reset / rotate
+    .venv/bin/python benchmarks/pretrain.py --finetune            # default model: full AdamW vs GaLore vs LoRA r16
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ ROWS = {
     "galore random": ("galore", ["--projection", "random", "--on-switch", "rotate"], (0,)),
     "osd (online-pca)": ("osd", [], (0,)),
     "q-galore": ("q-galore", ["--on-switch", "rotate"], (0,)),
-    "galore-plus": ("galore-plus", ["--on-switch", "rotate"], (0,)),
+    "galore-plus": ("galore-plus", ["--on-switch", "rotate", "--residual-density", "0"], (0, 1)),  # seed 0 ran before the residual existed
+    "galore-plus + residual 1%": ("galore-plus", ["--on-switch", "rotate"], (0, 1)),  # the default residual_density 0.01
     "lora r32": ("lora", ["--lr", "3e-3"], (0, 1)),
     "muon": ("muon", ["--lr", "3e-3"], (0, 1)),
     "sst": ("sst", [], (0,)),
@@ -70,34 +72,86 @@ def run(label: str, optimizer: str, options: list[str], seed: int, work: Path, c
             "steps": summary["steps"], "tokens": summary["tokens"], "losses": losses}  # fmt: skip
 
 
-FINETUNE = {  # label: svdkit finetune options (the default model and data; 30 steps of 8 examples)
+FINETUNE = {  # label: svdkit finetune options (the default model and data, batches of 8 examples)
     "full AdamW lr2e-5": ["--method", "full", "--lr", "2e-5"],
     "full GaLore r128 lr8e-5": ["--method", "full", "--optimizer", "galore", "--lr", "8e-5"],
     "LoRA r16 (method default lr)": ["--method", "lora", "--rank", "16"],
 }
 
 
-def finetune_run(label: str, options: list[str], work: Path) -> dict:
-    """One `svdkit finetune` run; optimizer-state bytes read back from its (pickle-free) checkpoint."""
+def finetune_run(label: str, options: list[str], work: Path, steps: int) -> dict:
+    """One `svdkit finetune` process (one thread): held-out loss before/after on the same 64 held-out examples,
+    optimizer-state bytes read back from its (pickle-free) checkpoint, the process's own peak RSS and CPU
+    seconds (os.wait4's rusage of that child), median step time."""
     from svdkit.core.checkpoint import load_state
 
     out = work / ("ft-" + label.split(" (")[0].replace(" ", "_"))
-    cmd = [sys.executable, "-m", "svdkit", "finetune", "--steps", "30", "--eval-every", "30", "--samples", "1",
-           "--out", str(out), "--overwrite", *options]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "svdkit", "finetune", "--steps", str(steps), "--eval-every", str(steps), "--samples", "1",
+           "--checkpoint-every", str(steps), "--out", str(out), "--overwrite", *options]  # fmt: skip
+    with open(work / (out.name + ".log"), "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"), stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{label} failed: see {work / (out.name + '.log')}")
     summary = json.loads((out / "eval.json").read_text())
     state = load_state(out / "checkpoint")["optimizer"]["state"]
     nbytes = sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if hasattr(v, "numel"))
-    return {"label": label, "command": " ".join(cmd[2:]), "before": summary["before"]["loss"], "after": summary["after"]["loss"],
-            "state_bytes": nbytes, "trainable": summary["trainable_parameters"], "median_step_s": summary["train"]["median_step_s"]}  # fmt: skip
+    return {"label": label, "command": " ".join(cmd[2:]), "steps": steps, "before": summary["before"]["loss"],
+            "after": summary["after"]["loss"], "heldout_examples": summary["heldout_examples"], "state_bytes": nbytes,
+            "trainable": summary["trainable_parameters"], "median_step_s": summary["train"]["median_step_s"],
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}  # fmt: skip
 
 
 def finetune_table(runs: list[dict]) -> str:
-    lines = ["| run | held-out loss before → after | optimizer state MiB | trainable params | step s (median) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['before']:.4f} → {r['after']:.4f} | {r['state_bytes'] / 2**20:.1f} | {r['trainable']:,} | "
-              f"{r['median_step_s']} |" for r in runs]  # fmt: skip
+    lines = ["| run | steps | held-out loss before → after | optimizer state MiB | peak RSS MiB | trainable params | "
+             "step s (median; sequential, loaded machine) | CPU s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['label']} | {r.get('steps', 30)} | {r['before']:.4f} → {r['after']:.4f} | {r['state_bytes'] / 2**20:.1f} | "
+              f"{r.get('peak_rss_mib', '')} | {r['trainable']:,} | {r['median_step_s']} | {r.get('cpu_s', '')} |" for r in runs]  # fmt: skip
+    return "\n".join(lines)
+
+
+def finetune_step_times(rounds: int = 3, steps: int = 3) -> str:
+    """optimizer.step() alone on the default model, side by side in one process and one thread, fixed random
+    gradients: AdamW on the full-fine-tuning weights, GaLore (rank 128) on the same weights, AdamW on LoRA r16's
+    adapters; interleaved round by round (median ms over rounds). GaLore's first step (its SVD refresh of every
+    matrix) is timed on its own."""
+    import torch
+
+    import svdkit
+    from svdkit import optim
+    from svdkit.core.models import load_model
+
+    torch.set_num_threads(1)
+    setups = {}
+    for label, method in (("full", "full"), ("lora", "lora")):
+        model = svdkit.adapt(load_model("default")[0], svdkit.config(method, **({"rank": 16} if method == "lora" else {})))
+        params = [p for p in model.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(0)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        if label == "full":
+            setups["full AdamW"] = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+            setups["full GaLore r128"] = optim.build(params, svdkit.config("galore"), lr=8e-5)
+        else:
+            setups["LoRA r16 AdamW"] = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    start = time.perf_counter()
+    setups["full GaLore r128"].step()
+    refresh_ms = (time.perf_counter() - start) * 1e3
+    times = {label: [] for label in setups}
+    for _ in range(rounds):
+        for label, opt in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times[label].append((time.perf_counter() - start) / steps * 1e3)
+    base = statistics.median(times["full AdamW"])
+    lines = ["| optimizer | optimizer.step() ms (median of rounds) | / full AdamW | state MiB |", "|---|---|---|---|"]
+    for k, v in times.items():
+        from svdkit.optim import state_bytes
+
+        lines.append(f"| {k} | {statistics.median(v):.0f} | {statistics.median(v) / base:.2f} | {state_bytes(setups[k]) / 2**20:.0f} |")
+    lines.append(f"| full GaLore r128, first step (SVD of all 210 matrices) | {refresh_ms:.0f} | {refresh_ms / base:.2f} | |")
     return "\n".join(lines)
 
 
@@ -188,6 +242,8 @@ def main() -> None:
     p.add_argument("--rows", nargs="*", default=None, help=f"rows to run (default: {', '.join(MAIN)})")
     p.add_argument("--spike", action="store_true", help="run GaLore with on_switch keep / reset / rotate")
     p.add_argument("--finetune", action="store_true", help="the fine-tuning rows (default model and data)")
+    p.add_argument("--finetune-steps", type=int, default=20, help="optimizer steps of each fine-tuning run")
+    p.add_argument("--finetune-step-time", action="store_true", help="optimizer.step() alone on the default model, side by side")
     p.add_argument("--seed", type=int, default=None, help="run only this seed of each row")
     p.add_argument("--step-time", action="store_true", help="time optimizer.step() side by side (interleaved)")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the stored runs, run nothing")
@@ -201,15 +257,19 @@ def main() -> None:
     store = Path(args.out).with_suffix(".json")
     saved = json.loads(store.read_text()) if store.is_file() else {}
     results, ft_runs, steps_md = saved.get("runs", []), saved.get("finetune", []), saved.get("step_time", "")
+    ft_steps_md = saved.get("finetune_step_time", "")
     if args.step_time:
         wanted, steps_md = [], step_times()
-        write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md}, indent=1) + "\n")
+        write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md, "finetune_step_time": ft_steps_md}, indent=1) + "\n")
+    if args.finetune_step_time:
+        wanted, ft_steps_md = [], finetune_step_times()
+        write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md, "finetune_step_time": ft_steps_md}, indent=1) + "\n")
     if args.finetune:
         wanted = []
         for label, options in FINETUNE.items():
             log(f"finetune {label} ...")
-            ft_runs = [r for r in ft_runs if r["label"] != label] + [finetune_run(label, options, Path(args.work))]
-            write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md}, indent=1) + "\n")
+            ft_runs = [r for r in ft_runs if r["label"] != label] + [finetune_run(label, options, Path(args.work), args.finetune_steps)]
+            write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md, "finetune_step_time": ft_steps_md}, indent=1) + "\n")
     for label in wanted:
         optimizer, options, seeds = rows[label]
         for seed in seeds if args.seed is None else [x for x in seeds if x == args.seed]:
@@ -217,11 +277,13 @@ def main() -> None:
             r = run(label, optimizer, options, seed, Path(args.work), args.cache, args.steps)
             log(f"  held-out ppl {r['heldout_ppl']:.2f}, {r['median_step_s']} s/step, {r['wall_s']} s")
             results = [x for x in results if (x["label"], x["seed"]) != (label, seed)] + [r]
-            write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md}, indent=1) + "\n")
+            write_report(str(store), json.dumps({"runs": results, "finetune": ft_runs, "step_time": steps_md, "finetune_step_time": ft_steps_md}, indent=1) + "\n")
     text = "\n".join(["# svdkit pretrain --size bench: optimizers at equal steps and tokens", "",
                       *provenance(f"rows run by this invocation: {', '.join(wanted) or 'see pretrain.json'}; per-run commands in pretrain.json"), "", table(results), ""]
-                     + (["## Fine-tuning the default model on the default data (30 steps × 8 examples)", "", finetune_table(ft_runs), ""]
+                     + (["## Fine-tuning the default model on the default data (batches of 8 examples)", "", finetune_table(ft_runs), ""]
                         if ft_runs else [])
+                     + (["## Fine-tuning: optimizer.step() alone on the default model, side by side", "", ft_steps_md, ""]
+                        if ft_steps_md else [])
                      + (["## optimizer.step() alone, side by side (bench model, fixed gradients, one refresh per 15 steps)", "",
                          steps_md, ""] if steps_md else []))  # fmt: skip
     write_report(args.out, text)

@@ -16,11 +16,17 @@ different offset; labels = input_ids (the model's own shifted cross-entropy). ``
                           replaces W; no A₀, B₀ in the forward)                   │
   5. PEFT LoRA r16        peft.get_peft_model(model, LoraConfig(r=16, lora_alpha=16, │ + zero_grad(
                           target_modules=<the 7 block linears>, lora_dropout=0))  ┘ set_to_none=True)
+  with ``--unfused``, also svdkit LoRA and PiSSA with input fusion off (``svdkit.fuse_shared_inputs(model,
+  False)``: q/k/v and gate/up each computed alone), to show what the fusion saves side by side (step
+  time only; their memory rows read nan).
 
 Step time: every variant lives on its own ``copy.deepcopy`` of the pristine model and gets ``--warmup``
 untimed steps; then ``--rounds`` rounds run the variants round-robin, ``--steps`` timed steps each
 (``gc.collect()`` before every step, untimed), so machine noise hits all variants alike. Reported: median
-and min over all rounds × steps, and the median's ratio to the floor's median. Torch's default threads.
+and min over all rounds × steps, and the median's ratio to the floor's median; also the process CPU time
+of each step (getrusage user + system), median and ratio: with one thread (``OMP_NUM_THREADS=1``) on a
+machine shared with other jobs, CPU time does not count the time the process waits for a core, so its
+ratios are the steadier measure of the work a step does. Torch's default threads.
 
 Peak memory: each variant runs in its own fresh subprocess (this script re-invoked with ``--variant NAME
 --memory``), so variants cannot inherit each other's heap. The subprocess loads the model, takes its
@@ -42,7 +48,7 @@ Targets: svdkit LoRA ≤ 1.05× floor step time; svdkit PiSSA ≤ 1.10× floor; 
 LoRA's; merged forward ≤ 1.01× original.
 
 Run:  .venv/bin/python benchmarks/train_overhead.py [--steps 5] [--rounds 3] [--warmup 2] [--rank 16]
-          [--batch 4] [--seq 128] [--mem-steps 3] [--out benchmarks/results/train_overhead.md]
+          [--batch 4] [--seq 128] [--mem-steps 3] [--unfused] [--out benchmarks/results/train_overhead.md]
 """
 
 from __future__ import annotations
@@ -71,11 +77,16 @@ FLOOR = "frozen base (floor)"
 SVD_LORA = "svdkit LoRA r{r}"
 SVD_PISSA = "svdkit PiSSA r{r}"
 SVD_PISSA_FOLD = "svdkit PiSSA r{r} fold=True"
+UNFUSED = " unfused"  # suffix: the same variant with input fusion off
 PEFT_LORA = "PEFT LoRA r{r}"
 
 # -- variants: each returns (model, optimizer or None) on the given (already copied) model ----------
 def build(name: str, model, rank: int, lr: float):
     r = rank
+    if name.endswith(UNFUSED):
+        wrapped, opt = build(name[:-len(UNFUSED)], model, rank, lr)
+        svdkit.fuse_shared_inputs(wrapped, False)
+        return wrapped, opt
     if name == FLOOR:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -158,6 +169,8 @@ def main() -> None:
     parser.add_argument("--mem-steps", type=int, default=3,
                         help="training steps after warm-up in each memory subprocess (default 3)")
     parser.add_argument("--out", default="benchmarks/results/train_overhead.md", help="markdown report path")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time svdkit LoRA and PiSSA with input fusion off (q/k/v, gate/up alone)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: the memory subprocess's variant
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,11 +188,17 @@ def main() -> None:
     r = args.rank
     names = [FLOOR, SVD_LORA.format(r=r), SVD_PISSA.format(r=r), SVD_PISSA_FOLD.format(r=r), PEFT_LORA.format(r=r)]
     svd_names = names[1:4]
-    peft_name = names[-1]
+    peft_name = names[4]
+    if args.unfused:
+        names += [SVD_LORA.format(r=r) + UNFUSED, SVD_PISSA.format(r=r) + UNFUSED]
 
     # 1. peak memory, one fresh subprocess per variant (before any model is resident here)
     mem = {}
     for name in names:
+        if name.endswith(UNFUSED):  # fusion saves no more tensors than it replaces (tests/test_fusion.py)
+            mem[name] = {k: float("nan") for k in ("build_peak_kib", "static_kib", "peak_kib")}
+            mem[name].update(hwm_reset=True, trimmed=True)
+            continue
         mem[name] = measure_memory(name, args)
         log(f"memory  {name:<22} init peak {mem[name]['build_peak_kib'] / 1024:8.1f} MiB  "
             f"resident {mem[name]['static_kib'] / 1024:8.1f} MiB  "
@@ -202,6 +221,7 @@ def main() -> None:
             runs[name]["step"]()
     times: dict[str, list[float]] = {name: [] for name in names}
     sys_s: dict[str, list[float]] = {name: [] for name in names}  # kernel time per step (page faults, ...)
+    cpu_s: dict[str, list[float]] = {name: [] for name in names}  # process CPU time (user + system) per step
     faults: dict[str, list[int]] = {name: [] for name in names}  # minor page faults per step
     train_load = LoadMeter()
     for rnd in range(args.rounds):
@@ -214,6 +234,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
                 ru1 = resource.getrusage(resource.RUSAGE_SELF)
                 sys_s[name].append(ru1.ru_stime - ru0.ru_stime)
+                cpu_s[name].append(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
                 faults[name].append(ru1.ru_minflt - ru0.ru_minflt)
             log(f"round {rnd + 1}/{args.rounds}  {name:<22} "
                 f"median so far {statistics.median(times[name]):7.3f} s")
@@ -266,12 +287,14 @@ def main() -> None:
 
     # 4. report
     floor_med = statistics.median(times[FLOOR])
+    floor_cpu = statistics.median(cpu_s[FLOOR])
     floor_peak = mem[FLOOR]["peak_kib"]
     rows = {}
     for name in names:
         med = statistics.median(times[name])
         rows[name] = dict(median=med, min=min(times[name]), ratio=med / floor_med,
                           sys=statistics.median(sys_s[name]), faults=statistics.median(faults[name]),
+                          cpu=statistics.median(cpu_s[name]), cpu_ratio=statistics.median(cpu_s[name]) / floor_cpu,
                           build_peak=mem[name]["build_peak_kib"] / 1024,
                           static=mem[name]["static_kib"] / 1024, peak=mem[name]["peak_kib"] / 1024,
                           peak_ratio=mem[name]["peak_kib"] / floor_peak)
@@ -291,18 +314,21 @@ def main() -> None:
         + (" — the machine was shared; compare ratios within this table only" if max(train_busy, fwd_busy) > 0.1
            else ""),
         "",
-        "| variant | trainable params | median step (s) | min (s) | × floor | kernel time / step (s) "
-        "| minor page faults / step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | trainable params | median step (s) | min (s) | × floor | CPU time / step (s) | × floor (CPU) "
+        "| kernel time / step (s) | minor page faults / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         lines.append(f"| {name} | {trainables[name]:,} | {row['median']:.3f} | {row['min']:.3f} "
-                     f"| {row['ratio']:.3f}× | {row['sys']:.3f} | {row['faults']:,.0f} |")
+                     f"| {row['ratio']:.3f}× | {row['cpu']:.3f} | {row['cpu_ratio']:.3f}× | {row['sys']:.3f} "
+                     f"| {row['faults']:,.0f} |")
     lines += [
         "",
         f"Step = forward + loss.backward() (+ AdamW(lr={args.lr:g}).step() + zero_grad(set_to_none=True) for "
         "the adapters); the floor is the frozen model with the embeddings' output requiring grad, so backward "
-        f"crosses every layer. {n_tokens} tokens of a fixed English paragraph, labels = input_ids. Kernel "
+        f"crosses every layer. {n_tokens} tokens of a fixed English paragraph, labels = input_ids. CPU time = "
+        "the process's user + system time per step (medians; with one thread it leaves out waiting for a core). "
+        "Kernel "
         "time and minor page faults per step (getrusage, medians) show how much of a step the OS spends "
         "backing freshly allocated temporaries.",
         "",
@@ -339,8 +365,9 @@ def main() -> None:
     lim = {svd_names[0]: 1.05, svd_names[1]: 1.10, svd_names[2]: 1.10}
     for name in svd_names:
         row = rows[name]
-        lines.append(f"- {name} step time ≤ {lim[name]:.2f}× floor ({row['ratio']:.3f}×): "
-                     f"**{verdict(row['ratio'] <= lim[name])}**")
+        lines.append(f"- {name} step time ≤ {lim[name]:.2f}× floor (wall {row['ratio']:.3f}×: "
+                     f"**{verdict(row['ratio'] <= lim[name])}**; CPU {row['cpu_ratio']:.3f}×: "
+                     f"**{verdict(row['cpu_ratio'] <= lim[name])}**)")
     for name in svd_names:
         row, ref = rows[name], rows[peft_name]
         lines.append(f"- {name} peak memory ≤ {peft_name}'s ({row['peak']:.1f} vs {ref['peak']:.1f} MiB): "

@@ -19,7 +19,7 @@ from conftest import model_output, tiny_model
 # -- configs -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", svdkit.methods())
 def test_config_json_round_trip(name):
-    extra = {"target_r": 2} if name == "adalora" else {}  # AdaLoRA's budget must fit the smallest per-module rank
+    extra = {"target_r": 2} if name in ("adalora", "lingo") else {}  # the budget must fit the smallest per-module rank
     cfg = svdkit.config(name, rank=8, alpha=4.0, targets=("q_proj", "v_proj"), seed=3,
                         overrides={"v_proj": {"rank": 2}}, **extra)  # fmt: skip
     data = json.loads(json.dumps(cfg.to_dict()))

@@ -39,7 +39,8 @@ def test_demo_on_the_default_model(tmp_path, capsys):
     args = ["demo", "--out", str(out), "--targets", r"layers\.0\.", "--svd", "randomized", "--steps", "2"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["passed"] and report["init_error"] <= 1e-5 and report["reload_error"] == 0.0
+    # fp32 relative errors of ~1e-5 depend on the BLAS and thread count: compare with the demo's own 1e-4, well away
+    assert report["passed"] and report["init_error"] <= 1e-4 and report["reload_error"] == 0.0
     assert report["peft_error"] <= 1e-4 and report["merge_error"] <= 1e-4
     assert report["trainable_parameters"] == 16 * (2 * (576 + 576) + 2 * (192 + 576) + 3 * (1536 + 576))
     assert (out / "adapter" / "svdkit.json").is_file() and (out / "peft" / "adapter_config.json").is_file()

@@ -220,7 +220,7 @@ def test_short_calibration_warns_and_still_compresses():
 def test_compress_configs_are_registered_and_round_trip_through_json():
     import json
 
-    assert svdkit.methods("compress") == ["asvd", "fwsvd", "svd", "svd-llm", "svd-llm-v2", "welore"]
+    assert svdkit.methods("compress") == ["asvd", "clover-prune", "fwsvd", "svd", "svd-llm", "svd-llm-v2", "welore"]
     for name in svdkit.methods("compress"):
         cfg = svdkit.config(name, ratio=0.35, targets=["q_proj", "v_proj"])
         assert svdkit.config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

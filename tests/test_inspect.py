@@ -82,6 +82,11 @@ def test_norms_and_ranks_match_their_definitions():
     cum = (S.square().cumsum(0) / S.square().sum()).tolist()  # 0.540, 0.886, 0.973, 0.994, 0.9998, 1
     assert row["rank_90"] == 3 and row["rank_99"] == 4 and cum[1] < 0.9 <= cum[2] and cum[2] < 0.99 <= cum[3]
     assert row["log_spectral_norm"] == pytest.approx(math.log10(25.0))
+    assert row["log_norm"] == pytest.approx(math.log10(float(S.square().sum())))
+    fit = powerlaw_fit(S.square())
+    assert row["alpha"] == pytest.approx(fit["alpha"]) and row["num_pl_spikes"] == fit["num_pl_spikes"]
+    assert row["alpha_sigma"] == pytest.approx((row["alpha"] - 1) / math.sqrt(row["num_pl_spikes"]))
+    assert row["alpha_xmin"] == pytest.approx(float(S.square()[row["num_pl_spikes"] - 1]))  # x_min is the n-th largest λ
 
 
 def test_random_matrix_stays_inside_the_mp_edge_and_planted_spikes_do_not():
@@ -91,6 +96,7 @@ def test_random_matrix_stays_inside_the_mp_edge_and_planted_spikes_do_not():
         mp = mp_bulk(torch.linalg.svdvals(X), m, n)
         assert mp["mp_spikes"] == 0 and mp["mp_sigma"] == pytest.approx(0.05, rel=0.05)
         assert mp["mp_edge"] == pytest.approx(0.05 * (math.sqrt(m) + math.sqrt(n)), rel=0.08)
+        assert mp["mp_softrank"] == pytest.approx((mp["mp_edge"] / float(torch.linalg.svdvals(X)[0])) ** 2)
     X = 0.05 * torch.randn(200, 150, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     signal = _with_spectrum(torch.tensor([6.0, 5.0, 4.0]), 200, 150, seed=3)  # far above the edge ≈ 1.32
     row = svdkit.spectrum(_net(X + signal), progress=False)[0]
@@ -115,7 +121,12 @@ def test_a_planted_intruder_is_found_with_its_energy_share():
     assert row["intruder_energy"] == pytest.approx(float(S1[0] ** 2 / S1.square().sum()), rel=1e-4)
     assert row["top_sigma_change"] == pytest.approx(float(S1[0] / 3.0 - 1), rel=1e-4)
     assert row["delta_sigma_max"] == pytest.approx(10.0, rel=1e-6) and row["delta_stable_rank"] == pytest.approx(1.0)
-    assert row["subspace_overlap"] < 1.0
+    assert row["delta_rel_fro"] == pytest.approx(10.0 / float(W0.norm()), rel=1e-6)  # ΔW = 10·u vᵀ, rank 1
+    assert row["delta_effective_rank"] == pytest.approx(1.0, abs=1e-3)
+    U0, U1 = torch.linalg.svd(W0)[0][:, :4], torch.linalg.svd(W1)[0][:, :4]
+    cos = torch.linalg.svdvals(U0.T @ U1).clamp(max=1)  # principal angles between the top-4 subspaces, directly
+    assert row["subspace_overlap"] == pytest.approx(float(cos.square().mean()), abs=1e-5) and row["subspace_overlap"] < 1.0
+    assert row["subspace_angle_max"] == pytest.approx(math.degrees(math.acos(float(cos.min()))), abs=0.05)
     same = svdkit.spectrum(_net(W0), base=_net(W0.clone()), k=4, progress=False)[0]
     assert same["intruders"] == 0 and same["subspace_overlap"] == pytest.approx(1.0, abs=1e-5)
     assert same["top_sigma_change"] == pytest.approx(0.0, abs=1e-6) and same["subspace_angle_max"] < 0.5

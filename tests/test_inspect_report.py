@@ -55,7 +55,16 @@ def test_inspect_writes_the_three_files_for_a_finetuned_run(inspected):
     assert signals["nuclear_norm_score"]["mnn"] > 0
 
 
-def test_inspect_compares_a_plain_model_with_its_base(tiny_run_inputs, tmp_path):
+@pytest.fixture
+def plots_skipped(monkeypatch):
+    """The plots cost ~1 s of CPU each; tests that read spectrum.json only get a one-line report.html (the
+    full page is checked by the fixture-based tests above and rendered by Chromium below)."""
+    import svdkit.inspection.report as report
+
+    monkeypatch.setattr(report, "render_html", lambda rows, meta, signals=None: "<!DOCTYPE html><html></html>")
+
+
+def test_inspect_compares_a_plain_model_with_its_base(tiny_run_inputs, tmp_path, plots_skipped):
     model_dir, _ = tiny_run_inputs
     model, tok = svdkit.load_model(model_dir)
     with torch.no_grad():
@@ -63,6 +72,7 @@ def test_inspect_compares_a_plain_model_with_its_base(tiny_run_inputs, tmp_path)
     model.save_pretrained(tmp_path / "ft")
     tok.save_pretrained(tmp_path / "ft")
     assert main(["inspect", str(tmp_path / "ft"), "--base", str(model_dir), "--out", str(tmp_path / "o"), "--k", "4"]) == 0
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"spectrum.csv", "spectrum.json", "report.html"}
     rows = {r["name"]: r for r in json.loads((tmp_path / "o" / "spectrum.json").read_text())["rows"]}
     assert rows["model.layers.0.self_attn.q_proj"]["delta_rel_fro"] > 1
     assert rows["model.layers.1.self_attn.q_proj"]["delta_sigma_max"] == 0 and rows["model.layers.1.self_attn.q_proj"]["intruders"] == 0
@@ -111,7 +121,7 @@ def test_report_renders_in_headless_chromium(inspected, tmp_path):
     assert img.shape[0] > 500 and ink > 0.02 and float(img.std()) > 0.05 and math.isfinite(float(img.std()))
 
 
-def test_inspect_reads_a_peft_adapter_folder(tiny_run_inputs, tmp_path):
+def test_inspect_reads_a_peft_adapter_folder(tiny_run_inputs, tmp_path, plots_skipped):
     peft = pytest.importorskip("peft")
     model_dir, _ = tiny_run_inputs
     model, _ = svdkit.load_model(model_dir)

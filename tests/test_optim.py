@@ -215,7 +215,7 @@ def test_registry_build_and_config_round_trip():
 
 CONFIGS = [dict(name="galore", projection="svd"), dict(name="galore", projection="randomized"), dict(name="sst"),
            dict(name="galore-dct"), dict(name="osd"), dict(name="q-galore"), dict(name="galore", projection="random"),
-           dict(name="muon")]  # fmt: skip
+           dict(name="muon"), dict(name="galore-plus")]  # fmt: skip
 
 
 def _base_lm(seed=0):

@@ -90,3 +90,10 @@ def test_finetune_full_with_galore(tiny_run_inputs, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["optimizer"] == "galore"
     shutil.rmtree(out)
+
+
+def test_finetune_refuses_a_parametrization_with_the_pretrain_command(tiny_run_inputs, tmp_path, capsys):
+    model, data = tiny_run_inputs
+    code = main(["finetune", "--model", str(model), "--data", str(data), "--method", "full", "--optimizer", "sst",
+                 "--steps", "1", "--samples", "1", "--max-heldout", "4", "--out", str(tmp_path / "ft")])  # fmt: skip
+    assert code == 2 and "svdkit pretrain --optimizer sst" in capsys.readouterr().err

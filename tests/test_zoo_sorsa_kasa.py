@@ -242,18 +242,22 @@ def test_effort_rejects_bad_options(options, match):
 
 
 # -- KaSA ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(12, 9), (5, 12)])  # out < in: the official code would truncate nothing
-def test_kasa_truncates_the_tail_and_learns_b_diag_d_a(shape):
+@pytest.mark.parametrize("shape, truncate, tail", [
+    ((12, 9), "code", 2), ((12, 9), "paper", 2),  # out ≥ in: both keep k − r = in − r
+    ((5, 12), "paper", 2), ((5, 12), "code", 0),  # out < in by 7 ≥ r: the released code keeps in − r ≥ k, i.e. all
+    ((11, 12), "code", 1),  # out < in by 1: the code keeps in − r = 10 of k = 11 components
+])  # fmt: skip
+def test_kasa_truncates_the_tail_and_learns_b_diag_d_a(shape, truncate, tail):
     m, n = shape
     model = linear_model((n, m))
     W, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
     r = 2
-    svdkit.adapt(model, svdkit.KaSA(rank=r, alpha=6.0))
+    svdkit.adapt(model, svdkit.KaSA(rank=r, alpha=6.0, truncate=truncate))
     layer = model[0]
     U, S, Vh = svd64(W)
     k = min(m, n)
-    W_trunc = W.double() - (U[:, -r:] * S[-r:]) @ Vh[-r:]
-    assert torch.linalg.matrix_rank(W_trunc).item() == k - r
+    W_trunc = W.double() - (U[:, k - tail :] * S[k - tail :]) @ Vh[k - tail :]
+    assert torch.linalg.matrix_rank(W_trunc).item() == k - tail
     assert torch.equal(layer.weight, model[0].weight) and close(layer.original_weight(), W)  # W is not written
     B, d, A = factors(layer)
     assert torch.equal(B, torch.zeros_like(B)) and float(A.abs().max()) <= 1 / math.sqrt(n)
@@ -313,6 +317,11 @@ def test_kasa_rejects_bad_options(options, match):
         svdkit.KaSA(**options)
 
 
+def test_kasa_rejects_an_unknown_truncation_rule():
+    with pytest.raises(ValueError, match="KaSA: truncate must be 'code'.*or 'paper'"):
+        svdkit.KaSA(truncate="all")
+
+
 # -- SoMA ----------------------------------------------------------------------------------------
 def test_soma_is_milora_math_with_somas_defaults():
     cfg = svdkit.SoMA()
@@ -337,7 +346,7 @@ def test_pissa_and_milora_defaults_are_unchanged():
 
 
 # -- export: exact rank-2r LoRAs relative to the original weights ---------------------------------
-@pytest.mark.parametrize("cfg", [svdkit.SORSA(rank=3), svdkit.Effort(rank=2), svdkit.KaSA(rank=3, alpha=6.0),
+@pytest.mark.parametrize("cfg", [svdkit.SORSA(rank=3), svdkit.Effort(rank=2), svdkit.KaSA(rank=3, alpha=6.0, truncate="paper"),
                                  svdkit.SoMA(rank=3)], ids=["sorsa", "effort", "kasa", "soma"])  # fmt: skip
 def test_export_is_an_exact_rank_2r_lora(cfg, tmp_path):
     from safetensors.torch import load_file
@@ -355,3 +364,26 @@ def test_export_is_an_exact_rank_2r_lora(cfg, tmp_path):
         A, B = tensors[f"base_model.model.{i}.lora_A.weight"], tensors[f"base_model.model.{i}.lora_B.weight"]
         assert A.shape[0] == 2 * cfg.rank
         assert close(W0 + cfg.scaling * B @ A, W1)  # relative to the original W, not the residual
+
+
+def test_kasa_code_rule_exports_rank_r_where_nothing_is_discarded(tmp_path):
+    """Linear(12→9): out < in by 3 = r, so the released code's rule keeps all 9 components: a plain rank-r LoRA,
+    written through PEFT's rank_pattern next to the rank-2r layer."""
+    from safetensors.torch import load_file
+
+    model = linear_model((9, 12), (12, 9))
+    originals = [layer.weight.detach().clone() for layer in model]
+    cfg = svdkit.KaSA(rank=3, alpha=6.0)
+    svdkit.adapt(model, cfg)
+    perturb(model)
+    merged = [layer.merged_weight().detach().clone() for layer in model]
+    svdkit.export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    ranks = [tensors[f"base_model.model.{i}.lora_A.weight"].shape[0] for i in range(2)]
+    assert ranks == [6, 3]
+    for i, (W0, W1) in enumerate(zip(originals, merged)):
+        A, B = tensors[f"base_model.model.{i}.lora_A.weight"], tensors[f"base_model.model.{i}.lora_B.weight"]
+        r = config["rank_pattern"].get(str(i), config["r"])
+        alpha = config["alpha_pattern"].get(str(i), config["lora_alpha"])
+        assert r == ranks[i] and close(W0 + alpha / r * B @ A, W1)

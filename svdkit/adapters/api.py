@@ -282,6 +282,12 @@ def after_step(model: nn.Module, step: int, total_steps: int) -> None:
         mcfg.after_step(layers, step, total_steps)
 
 
+def after_task(model: nn.Module) -> None:
+    """Run the methods' end-of-task hooks (between the tasks of a continual sequence)."""
+    for mcfg, layers in _layers_by_config(model):
+        mcfg.after_task(layers)
+
+
 def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The methods' training-time state of every adapted layer (AdaLoRA's sensitivity EMAs and masks,
     VectorFit's frozen vectors), as ``{"<module>.<key>": tensor}`` on the CPU: what a checkpoint saves

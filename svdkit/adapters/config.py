@@ -216,6 +216,25 @@ class AdapterConfig:
     def after_step(self, layers: dict, step: int, total_steps: int) -> None:
         """A training-time schedule run after each optimizer step (e.g. AdaLoRA's budget)."""
 
+    def after_task(self, layers: dict) -> None:
+        """Run once when a task of a continual sequence ends (``svdkit.continual``), e.g. Sculpting Subspaces
+        recomputing the protected singular subspace of each weight. Default: nothing."""
+
+    # Two data splits (bi-level methods, BiLoRA): svdkit's loop holds ``second_split()`` of the training items
+    # apart as D₂ (seeded), trains step t on a batch of split ``split_at(t)`` and updates only the adapter
+    # tensors whose ``split_of(tensor)`` is that split (the others' gradients are dropped before clipping).
+    def second_split(self) -> float:
+        """Fraction of the training items held apart as split 2 (0, the default: one split, every tensor trains)."""
+        return 0.0
+
+    def split_at(self, step: int) -> int:
+        """The split (1 or 2) that training step ``step`` (0-based) draws its batch from and updates."""
+        return 1
+
+    def split_of(self, tensor: str) -> int:
+        """The split (1 or 2) on which the adapter tensor ``tensor`` of a layer ("lora_A", "core.value", …) trains."""
+        return 1
+
     # -- JSON ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from svdkit.adapters.cores import apply_core, dense_core
+from svdkit.adapters import fusion
 from svdkit.adapters.fused import AdaptedLinearFn, base_output
 from svdkit.core.targets import is_conv1d
 
@@ -212,6 +213,7 @@ class SpectralLinear(nn.Module):
         self.lora_bias = nn.Parameter(torch.zeros(self.out_features, device=W.device, dtype=dtype)) if trains_bias else None
         self.weight = base.weight
         self.method_state = MethodState()
+        self.input_fusion = fusion.FusionSlot()  # its input-fusion group, once observed (fusion.py)
 
     @property
     def folded(self) -> bool:
@@ -272,27 +274,49 @@ class SpectralLinear(nn.Module):
         return F.linear(x, self.original_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     # -- forward ------------------------------------------------------------------------------------
+    # Input fusion (fusion.py): layers reading one input tensor (q/k/v, gate/up) run as one autograd node.
+    # Default on (the same function, fewer skinny GEMMs); off: svdkit.fuse_shared_inputs(model, False).
+    fuse_inputs: bool = False  # svdkit.fuse_shared_inputs(model, True) opts in (adapters/fusion.py)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.adapter_disabled:
             return self._original_forward(x)
         c = None if self.core is None else getattr(self.core, "structured", self.core)()
-        # the fused function takes the output side B·C as one matrix: worth it when B trains anyway (or
-        # there is no core); a core between frozen bases is applied to A·x in its own structure instead
-        fused = c is None or (isinstance(c, Tensor) and "B" in self.trainable and self.lora_B is not None)
-        W = self._dense() if self.mode.uses_weight else None
-        if fused:
-            Bc = output_side(self.lora_B, c)
-            uniform = x.dtype == Bc.dtype and (W is None or W.dtype == Bc.dtype)
-            fused = uniform and not torch.is_autocast_enabled(x.device.type)
-        if not fused:
+        ops = self._operands(x, c)
+        if ops is None:
             out = self._forward_composed(x, c)
         else:
             x2 = x.reshape(-1, self.in_features)
-            xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
-            A0, B0 = (self.init_A, self.init_B) if self.mode is Mode.SUBTRACT else (None, None)
-            out = AdaptedLinearFn.apply(x2, xd, W, self.bias, self.lora_A, Bc, A0, B0, self.scaling)
+            if self.fuse_inputs and self._shares_input() and not torch.compiler.is_compiling():
+                out = fusion.forward(self, x, x2, ops)
+            else:
+                xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
+                out = AdaptedLinearFn.apply(x2, xd, *ops)
             out = out.view(*x.shape[:-1], self.out_features)
         return out if self.lora_bias is None else out + self.lora_bias.to(out.dtype)
+
+    def _operands(self, x: Tensor, c) -> tuple | None:
+        """(W, bias, A, B·C, A0, B0, s) for the fused functions, or None for the composed path. The fused
+        functions take the output side B·C as one matrix: worth it when B trains anyway (or there is no
+        core); a core between frozen bases is applied to A·x in its own structure instead."""
+        if not (c is None or (isinstance(c, Tensor) and "B" in self.trainable and self.lora_B is not None)):
+            return None
+        W = self._dense() if self.mode.uses_weight else None
+        Bc = output_side(self.lora_B, c)
+        if x.dtype != Bc.dtype or (W is not None and W.dtype != Bc.dtype) or x.device != Bc.device \
+                or torch.is_autocast_enabled(x.device.type):
+            return None
+        A0, B0 = (self.init_A, self.init_B) if self.mode is Mode.SUBTRACT else (None, None)
+        return W, self.bias, self.lora_A, Bc, A0, B0, self.scaling
+
+    def _shares_input(self) -> bool:
+        return self.lora_A is not None and isinstance(self.dropout, nn.Identity)
+
+    def fusable_operands(self, x: Tensor) -> tuple | None:
+        """This layer's operands for an input-fusion group computing on x, or None if it cannot join."""
+        if self.adapter_disabled or not self.fuse_inputs or not self._shares_input():
+            return None
+        return self._operands(x, None if self.core is None else getattr(self.core, "structured", self.core)())
 
     def _forward_composed(self, x: Tensor, c) -> Tensor:
         """The same function from stock ops: any core structure, mixed dtypes (fp32 factors on a bf16 base)

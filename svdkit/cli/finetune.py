@@ -65,6 +65,11 @@ def add_parser(sub) -> None:
                    "the config saved there (options given here must agree with it)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out folder that svdkit wrote")
     f.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: this rank's GPU if there is one, else cpu)")
+    f.add_argument("--continual", help="comma-separated tasks trained in sequence (dataset, .jsonl file, or NAME@GROUP, "
+                   "e.g. default@food,default@science); --method defaults to sculpt here; --steps is per task; writes continual.json/.md with every "
+                   "task's held-out loss after each task (forgetting), next to --continual-baselines")
+    f.add_argument("--continual-baselines", default="full,lora", help="with --continual: methods run on the same "
+                   "tasks for comparison, comma-separated, or 'none' (default: full,lora = plain sequential fine-tuning, LoRA)")
 
 
 def finetune_config(args):
@@ -89,9 +94,27 @@ def finetune_config(args):
 def run(args) -> int:
     from svdkit.training.finetune import Interrupted, finetune
 
+    if args.continual:
+        return _continual(args, finetune_config(args))
     try:
         finetune(finetune_config(args), args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     except Interrupted as exc:
         print(f"svdkit: {exc}", file=sys.stderr)
         return 130
+    return 0
+
+
+def _continual(args, cfg) -> int:
+    """`--continual T1,T2,…`: the method and each baseline trained through the tasks (svdkit.training.continual)."""
+    from svdkit.training.continual import ContinualConfig, run_continual
+
+    tasks = [s.strip() for s in args.continual.split(",") if s.strip()]
+    baselines = [] if args.continual_baselines.strip() == "none" else \
+        [b.strip() for b in args.continual_baselines.split(",") if b.strip()]  # fmt: skip
+    method = args.method or (cfg.method if args.config else "sculpt")  # --continual without --method: Sculpting Subspaces
+    ccfg = ContinualConfig(method=method, method_options=cfg.method_options, rank=cfg.rank, steps=cfg.steps,
+                           batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup,
+                           max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)  # fmt: skip
+    run_continual(cfg.model, tasks, ccfg, args.out, baselines=baselines, max_length=cfg.max_length,
+                  heldout_fraction=cfg.heldout_fraction, max_heldout=cfg.max_heldout, overwrite=args.overwrite)  # fmt: skip
     return 0

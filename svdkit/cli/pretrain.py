@@ -27,6 +27,7 @@ _OPTIM_FIELDS = {
     "projection": (str, "GaLore family: svd, randomized, dct, online-pca or random"),
     "on_switch": (str, "GaLore family: keep, reset or rotate the moments at a refresh"),
     "scale": (float, "GaLore family: update scale alpha"),
+    "residual_density": (float, "galore-plus: fraction of each matrix's entries in the sparse moment residual (0: off)"),
 }
 
 

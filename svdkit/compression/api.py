@@ -25,7 +25,7 @@ from torch import nn
 from svdkit.adapters.layers import weight_matrix
 from svdkit.compression.config import CompressConfig
 from svdkit.compression.engine import _LAST, compress_module, spectrum
-from svdkit.compression.layers import LowRankLinear
+from svdkit.compression.layers import TYPES
 from svdkit.compression.report import CompressionReport
 from svdkit.compression.streaming import blocks_of, in_blocks, layerwise
 from svdkit.core.calibration import Calibration, calibrate
@@ -70,6 +70,10 @@ def _compress(model, cfg, calibration, progress) -> CompressionReport:
                          "input_ids) or calibration=svdkit.calibrate(model, batches, cfg).")  # fmt: skip
     if not cfg.uses_calibration and calibration is not None:
         raise ValueError(f"{type(cfg).__name__} is data-free; call svdkit.compress(model, cfg) without calibration.")
+    if cfg.structured:  # rewrites groups of modules together (clover-prune: v_proj with o_proj)
+        report.rows = cfg.compress_model(model, targets, progress)
+        report.seconds = time.perf_counter() - start
+        return report
     if getattr(cfg, "update", False) and isinstance(calibration, Calibration):
         raise ValueError("update=True re-solves each factor on the compressed model's inputs, which only the "
                          "layer-by-layer path sees: pass calibration=batches instead of precomputed statistics.")  # fmt: skip
@@ -106,8 +110,10 @@ def _compress(model, cfg, calibration, progress) -> CompressionReport:
 
 
 # -- files ------------------------------------------------------------------------------------------
-def _factored(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+def _factored(model: nn.Module) -> dict[str, nn.Module]:
+    """The compressed modules (every type in :data:`svdkit.compression.layers.TYPES`) by name."""
+    kinds = tuple(TYPES.values())
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def save_compressed(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, config=None, report=None,
@@ -123,7 +129,8 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
 
     modules = _factored(model)
     if not modules:
-        raise ValueError("the model has no compressed (LowRankLinear) modules: run svdkit.compress first.")
+        raise ValueError("the model has no compressed (LowRankLinear, PrunedValue/PrunedOutput) modules: run "
+                         "svdkit.compress first.")  # fmt: skip
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
         raise ValueError("save_compressed needs a Hugging Face model (with .config) to rebuild it at load time.")
     state, seen = {}, {}
@@ -135,8 +142,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, *, tokenizer=None
         state[key] = t.detach().cpu().contiguous()
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": type(model).__name__,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "modules": {name: {"in": m.in_features, "out": m.out_features, "rank": m.rank,
-                               "bias": m.second.bias is not None, "conv1d": m.conv1d} for name, m in modules.items()},
+            "modules": {name: m.spec() for name, m in modules.items()},
             "config": None if config is None else config.to_dict()}  # fmt: skip
     with atomic_dir(path, overwrite=overwrite) as tmp:
         model.config.save_pretrained(str(tmp))
@@ -187,11 +193,17 @@ def load_compressed(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     except ImportError:  # without accelerate the dense weights are built once (random init), then replaced
         model = cls(hf_config)
     for name, spec in meta["modules"].items():
-        layer = LowRankLinear(spec["in"], spec["out"], spec["rank"], spec["bias"], dtype=saved_dtype, device="meta")
-        layer.conv1d = bool(spec.get("conv1d", False))
+        kind = spec.get("type", "low-rank")  # files written before the type was recorded hold LowRankLinear
+        if kind not in TYPES:
+            raise ValueError(f"{path}: module {name} has type {kind!r}, unknown to this svdkit ({', '.join(TYPES)}); "
+                             "upgrade svdkit.")  # fmt: skip
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        setattr(model.get_submodule(parent) if parent else model, child, TYPES[kind].from_spec(spec, saved_dtype, "meta"))
     state = load_file(str(path / WEIGHTS))
+    indexed = [f"{n}.index" for n, spec in meta["modules"].items() if spec.get("type", "low-rank") != "low-rank"]
+    if any(k not in state for k in indexed):
+        raise ValueError(f"{path}: {WEIGHTS} lacks the kept-dimension indices {[k for k in indexed if k not in state][:3]}; "
+                         "the folder is damaged.")  # fmt: skip
     result = model.load_state_dict(state, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -209,7 +221,8 @@ def load_compressed(path: str | os.PathLike, *, dtype: torch.dtype | None = None
 
 
 def save_dense(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
-    """Plain dense weights W' = A·B in a Hugging Face folder that ``from_pretrained`` loads without svdkit.
+    """Plain dense weights (W' = A·B; pruned heads: the kept rows/columns in place, zeros elsewhere) in a Hugging
+    Face folder that ``from_pretrained`` loads without svdkit.
 
     The model is left as it is (the dense copy is made module by module into a copy)."""
     import copy
@@ -217,12 +230,10 @@ def save_dense(model: nn.Module, path: str | os.PathLike, *, tokenizer=None, ove
     dense = copy.deepcopy(model)
     for name, m in _factored(dense).items():
         with torch.no_grad():
-            linear = nn.Linear(m.in_features, m.out_features, bias=m.second.bias is not None, dtype=m.first.weight.dtype)
-            linear.weight.copy_(m.dense_weight())
-            if m.second.bias is not None:
-                linear.bias.copy_(m.second.bias)
+            linear = m.dense()
         parent, _, child = name.rpartition(".")
-        setattr(dense.get_submodule(parent) if parent else dense, child, _as_conv1d(linear) if m.conv1d else linear)
+        conv1d = getattr(m, "conv1d", False)
+        setattr(dense.get_submodule(parent) if parent else dense, child, _as_conv1d(linear) if conv1d else linear)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         dense.save_pretrained(str(tmp))
         if tokenizer is not None:

@@ -28,6 +28,11 @@ class ASVD(CompressConfig):
     ``allocation="sensitivity"``), every rank is a candidate (not only six ratios), and the same cut search
     then reads: one threshold τ, each layer the smallest rank with loss ≤ τ, the smallest τ that fits the
     budget (:func:`threshold_ranks`). ``allocation="uniform"`` uses the same ratio everywhere.
+
+    Measured on the default model at 20 % removed (benchmarks/compress.py, 16 × 128 held-out tokens, one run
+    each): α = 0.5 with this allocation 154 551 perplexity, with ``allocation="uniform"`` 465 430 (so the
+    allocation is not what holds ASVD back), α = 1 4 401 (better than FWSVD's 12 067). α = 0.5 stays the
+    default because it is the paper's (its ablation on LLaMA); pass alpha=1.0 on models with outlier channels.
     """
 
     alpha: float = 0.5

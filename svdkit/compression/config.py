@@ -8,6 +8,9 @@ asks it three things per target linear W (m × n, ``nn.Linear`` layout):
   W' = U_k Σ_k V_kᵀ S⁻¹ (None: plain SVD; an (n,) vector: a diagonal scaling; an n × n matrix: whitening);
 * ``allocate(spectra, shapes)`` → rank per module (None: leave it dense), given every module's σ(W S);
 * ``statistic()`` → the :class:`svdkit.core.calibration.Statistic` a data-aware method measures.
+
+A ``structured`` method instead rewrites groups of modules itself (``compress_model``: clover-prune's
+value/output pairs per attention block).
 """
 
 from __future__ import annotations
@@ -77,6 +80,12 @@ class CompressConfig:
         return uniform_ranks(shapes, self.ratio)
 
     needs_spectra: ClassVar[bool] = False  # True: allocate() reads every module's spectrum first
+    structured: ClassVar[bool] = False  # True: compress_model() rewrites the model itself (modules in groups)
+
+    def compress_model(self, model, targets: list, progress: bool | None = None) -> list:
+        """Compress ``model`` in place from the selected ``targets`` and return the report rows; only for
+        ``structured`` methods (their modules change together, e.g. clover-prune's value/output pairs)."""
+        raise NotImplementedError(f"{type(self).__name__} compresses module by module (structured = False).")
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)

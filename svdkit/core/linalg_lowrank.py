@@ -44,3 +44,13 @@ def numerical_rank(S: Tensor, rtol: float | None = None) -> int:
         return 0
     tol = (rtol if rtol is not None else S.numel() * torch.finfo(torch.float64).eps) * float(S[0])
     return int((S > tol).sum())
+
+
+def refactorize(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """(B', A') with B'A' = BA, A' = the top-r right singular vectors of BA (orthonormal rows) and
+    B' = U·Σ (FedSVD, https://arxiv.org/abs/2505.12805): BA = U Σ Vᵀ by :func:`factored_svd` (never the m×n
+    product), r = B's columns. Where BA has rank < r, the extra rows of A' are still orthonormal (the
+    complement the QR of Aᵀ spans) and the matching columns of B' are ~0. Computes in the inputs' dtype."""
+    r = B.shape[-1]
+    U, S, Vh = factored_svd(B, A)
+    return U[..., :r] * S[..., None, :r], Vh[..., :r, :]

@@ -26,11 +26,14 @@ def thin_svd(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, Vh
 
 
-def numerical_rank(S: Tensor, shape: tuple[int, ...]) -> int:
-    """Singular values above max(m, n)·eps·σ₁ (numpy's ``matrix_rank`` rule); 0 for a zero matrix."""
+def numerical_rank(S: Tensor, shape: tuple[int, ...], reference: float | Tensor | None = None) -> int:
+    """Singular values above max(m, n)·eps·σ_ref (numpy's ``matrix_rank`` rule); 0 for a zero matrix.
+    σ_ref = σ₁ by default; pass ``reference`` when S belongs to a remainder (e.g. X − P X) whose own σ₁ may be
+    pure rounding noise: relative to the matrix it came from, such a remainder has rank 0."""
     if S.numel() == 0 or not S[0] > 0:
         return 0
-    return int((S > S[0] * max(shape[-2:]) * torch.finfo(S.dtype).eps).sum())
+    ref = S[0] if reference is None else reference
+    return int((S > ref * max(shape[-2:]) * torch.finfo(S.dtype).eps).sum())
 
 
 def low_rank(X: Tensor, k: int) -> Tensor:

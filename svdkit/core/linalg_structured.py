@@ -110,6 +110,31 @@ def cayley(K: Tensor) -> Tensor:
     return torch.linalg.solve(eye + K, eye - K)
 
 
+def skew_part(X: Tensor) -> Tensor:
+    """½(X − Xᵀ) over the last two dims."""
+    return 0.5 * (X - X.mT)
+
+
+def orthogonal_tangent(R: Tensor, G: Tensor) -> Tensor:
+    """The projection of G onto the tangent space of the orthogonal group at R (RᵀR = I): R·skew(RᵀG)."""
+    return R @ skew_part(R.mT @ G)
+
+
+def cayley_retract(R_old: Tensor, R_new: Tensor) -> Tensor:
+    """Cayley retraction of the step R_new − R_old onto the orthogonal group at R_old (square R_old, RᵀR = I).
+
+    The step's tangent part is R_old·Ω with Ω = skew(R_oldᵀ(R_new − R_old)); the result is
+    R_old·(I + Ω/2)(I − Ω/2)⁻¹ = R_old·cayley(−Ω/2), orthogonal to rounding and = R_old + R_old·Ω + O(‖Ω‖²).
+    """
+    return R_old @ cayley(-0.5 * skew_part(R_old.mT @ (R_new - R_old)))
+
+
+def kron_right_t(M: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """M (A ⊗ B)ᵀ for M (p × k1·k2), A (k1 × k1), B (k2 × k2), without forming A ⊗ B: p·k1·k2·(k1 + k2) products."""
+    p, k1, k2 = M.shape[0], A.shape[0], B.shape[0]
+    return torch.einsum("iab,ca,db->icd", M.reshape(p, k1, k2), A, B).reshape(p, k1 * k2)
+
+
 # -- per-head factorizations (CLOVER, https://arxiv.org/abs/2411.17426) ---------------------------------
 def head_qr(weights: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Per-head QR of W_jᵀ for (b, m, n) weights split into heads of ``block`` rows (W_j: d × n).

@@ -20,6 +20,7 @@ from svdkit.core.linalg_rank import effective_rank, energy_rank
 
 ALPHA_BAND = (2.0, 6.0)  # HTSR: α < 2 "over-trained", α > 6 "under-trained" (weightwatcher.ai)
 _CHUNK = 1 << 22  # entries of the (candidate × eigenvalue) KS matrix held at once (32 MiB in fp64)
+_BANDS = 6  # at least this many bands of candidates: band k scores only the eigenvalues from its first candidate on
 
 
 def powerlaw_fit(lam: Tensor, floor: float = 1e-10) -> dict:
@@ -35,7 +36,8 @@ def powerlaw_fit(lam: Tensor, floor: float = 1e-10) -> dict:
     and the fit is the candidate with the smallest D (α ≤ 1 candidates get D = 1, as in WeightWatcher).
     σ_α = (α − 1)/√n is the MLE's standard error. Eigenvalues ≤ ``floor``·λ_max are left out (numerical zeros
     of a rank-deficient matrix; WeightWatcher keeps them and can return a spurious fit on them). All
-    candidates are scored at once (chunked), in fp64.
+    candidates are scored in a few vectorized bands of rows, each over the eigenvalues j ≥ its first i (about
+    60 % of the full N × N matrix for 6 bands), in fp64.
 
     Returns {alpha, xmin, xmax, D, sigma, num_pl_spikes}; NaNs when fewer than 3 eigenvalues remain.
     """
@@ -54,16 +56,17 @@ def powerlaw_fit(lam: Tensor, floor: float = 1e-10) -> dict:
     alphas = torch.where(denom > 0, 1 + n / denom.clamp_min(1e-300), torch.full_like(n, float("inf")))
     D = torch.ones(N - 1, dtype=torch.float64)
     j = torch.arange(N, dtype=torch.float64)
-    rows = max(1, _CHUNK // N)
+    rows = max(1, min(_CHUNK // N, -(-(N - 1) // _BANDS)))
     for start in range(0, N - 1, rows):
-        ii = torch.arange(start, min(N - 1, start + rows))
-        a = alphas[ii]
-        # (x_j/x_i)^{1−α} and (j − i)/n, both clamped so that every j < i gives a gap of exactly 0 (in place)
-        tail = (logx.unsqueeze(0) - logx[ii].unsqueeze(1)).clamp_(min=0).mul_((1 - a).unsqueeze(1)).exp_()
-        empirical = (j.unsqueeze(0) - ii.to(j).unsqueeze(1)).div_(n[ii].unsqueeze(1)).clamp_(min=0)
+        stop = min(N - 1, start + rows)
+        ii, a, nn = j[start:stop], alphas[start:stop], n[start:stop]
+        # columns j ≥ start only (a band of rows skips the lower triangle, where every gap is 0); there,
+        # (x_j/x_i)^{1−α} and (j − i)/n are clamped so that every j < i gives a gap of exactly 0 (in place)
+        tail = (logx[start:].unsqueeze(0) - logx[start:stop].unsqueeze(1)).clamp_(min=0).mul_((1 - a).unsqueeze(1)).exp_()
+        empirical = (j[start:].unsqueeze(0) - ii.unsqueeze(1)).div_(nn.unsqueeze(1)).clamp_(min=0)
         gap = tail.add_(empirical).sub_(1).abs_()  # |1 − (x_j/x_i)^{1−α} − (j − i)/n|
         ok = torch.isfinite(a) & (a > 1)
-        D[ii] = torch.where(ok, gap.amax(dim=1), torch.ones_like(a))
+        D[start:stop] = torch.where(ok, gap.amax(dim=1), torch.ones_like(a))
     best = int(torch.argmin(D))
     alpha = float(alphas[best])
     return {"alpha": alpha, "xmin": float(x[best]), "xmax": float(x[-1]), "D": float(D[best]),
@@ -123,7 +126,7 @@ def alpha_warning(alpha: float) -> str:
     return "over-trained" if alpha < ALPHA_BAND[0] else "under-trained" if alpha > ALPHA_BAND[1] else ""
 
 
-def spectral_metrics(lam: Tensor, m: int, n: int) -> dict:
+def spectral_metrics(lam: Tensor, m: int, n: int, floor: float = 1e-10) -> dict:
     """Every column of a spectrum row that depends on the eigenvalues λ = σ² alone (m×n matrix):
 
     sigma_max σ₁; frobenius ‖W‖_F = √Σλ; nuclear ‖W‖_* = Σσ; stable_rank ‖W‖²_F/σ₁²; effective_rank
@@ -132,13 +135,15 @@ def spectral_metrics(lam: Tensor, m: int, n: int) -> dict:
     (alpha, alpha_xmin, alpha_D, alpha_sigma, num_pl_spikes, :func:`powerlaw_fit`); alpha_weighted
     α·log₁₀λ_max and log_spectral_norm log₁₀λ_max and log_norm log₁₀‖W‖²_F (WeightWatcher's scale
     metrics, with its λ_max = σ₁²); the MP bulk (:func:`mp_bulk`); warning (:func:`alpha_warning`).
+    ``floor``: eigenvalues ≤ floor·λ_max are left out of the power-law fit (below the precision they were
+    computed in; :func:`powerlaw_fit`).
     """
     lam = torch.as_tensor(lam).detach().to("cpu", torch.float64).flatten().clamp_min(0).sort(descending=True).values
     S = lam.sqrt()
     top, energy = float(lam[0]), float(lam.sum())
     if energy == 0:
         raise ValueError(f"the {m}×{n} matrix is all zeros: its spectral statistics are undefined.")
-    fit = powerlaw_fit(lam)
+    fit = powerlaw_fit(lam, floor)
     row = {"sigma_max": math.sqrt(top), "frobenius": math.sqrt(energy), "nuclear": float(S.sum()),
            "stable_rank": energy / top, "effective_rank": effective_rank(S),
            "rank_90": energy_rank(S, 0.90), "rank_99": energy_rank(S, 0.99),

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from svdkit.core.linalg_merge import low_rank
 from svdkit.core.registry import config_to_dict, register
-from svdkit.merging.common import check_alpha, check_fraction, is_matrix, weighted, weighted_mean
+from svdkit.merging.common import check_alpha, check_fraction, check_svd_dtype, per_tensor, weighted, weighted_mean
 
 
 def cart_merge(deltas: list[Tensor], weights: list[float], rank_fraction: float, lam: float) -> Tensor:
@@ -52,11 +52,10 @@ class Cart:
     def __post_init__(self):
         check_alpha(self)
         check_fraction(self, "rank_fraction")
+        check_svd_dtype(self)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
     def merge(self, deltas: list[Tensor], weights: list[float], key: str = "", state=None) -> Tensor:
-        if not is_matrix(deltas[0]):
-            return weighted_mean(deltas, weights)
-        return cart_merge(deltas, weights, self.rank_fraction, self.alpha)
+        return per_tensor(deltas, weights, lambda: cart_merge(deltas, weights, self.rank_fraction, self.alpha), 1.0)

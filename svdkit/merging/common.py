@@ -16,10 +16,12 @@ engine (:mod:`svdkit.merging.engine`) streams the models tensor by tensor and ca
 ClassVars: ``name``, ``kind``, ``paper``, ``summary`` (as every family), ``min_models`` (fewer inputs is an
 error), ``base_free`` and ``lora_native``. Matrix methods apply their SVD rule to 2-D tensors only; every
 other tensor (biases, norms) takes the weighted mean of the task deltas (the TSV/Iso papers' rule), scaled
-by α like the matrices.
+by α like the matrices: ``per_tensor`` is that rule's one home.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -65,6 +67,21 @@ def weighted_mean(deltas: list[Tensor], weights: list[float]) -> Tensor:
     return sum(weighted(deltas, weights)) / len(deltas)
 
 
+def per_tensor(deltas: list[Tensor], weights: list[float], matrix_rule: Callable[[], Tensor], vector_scale: float) -> Tensor:
+    """``matrix_rule()`` for a matrix (``is_matrix``); ``vector_scale`` · (weighted mean of the deltas) for any
+    other tensor (biases, norms: the TSV/Iso papers' rule). The one home of the guard the SVD methods share;
+    ``vector_scale`` is α for methods that scale the whole merged vector, 1 for CART (its α scales only the
+    low-rank terms)."""
+    if is_matrix(deltas[0]):
+        return matrix_rule()
+    mean = weighted_mean(deltas, weights)
+    return mean if vector_scale == 1 else vector_scale * mean
+
+
+def check_svd_dtype(cfg) -> None:
+    check_choice(cfg, "svd_dtype", tuple(DTYPES))
+
+
 def dense_factors(delta: Tensor, tol: float = 1e-7) -> tuple[Tensor, Tensor]:
     """(B, A) with B A = Δ exactly (up to rounding) for a dense task delta: B = U diag(σ), A = Vᵀ over the
     singular values above ``tol``·σ₁, so LoRA-native methods also take fully fine-tuned models."""
@@ -81,7 +98,7 @@ def check_lora_native(cfg, rules: tuple[str, ...]) -> None:
     check_alpha(cfg)
     check_choice(cfg, "inner", rules)
     check_fraction(cfg, "density")
-    check_choice(cfg, "svd_dtype", ("float32", "float64"))
+    check_svd_dtype(cfg)
 
 
 def no_update(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
@@ -94,7 +111,8 @@ def no_update(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor] | N
 def merge_dense_via_factors(cfg, deltas: list[Tensor], weights: list[float], key: str = "") -> Tensor:
     """A LoRA-native method on dense deltas: non-matrices take alpha·(weighted mean); a matrix Δ_t is factored
     exactly (``dense_factors``) and merged by ``cfg.merge_factors``."""
-    if not is_matrix(deltas[0]):
-        return cfg.alpha * weighted_mean(deltas, weights)
-    B, A = cfg.merge_factors([dense_factors(d * w) for d, w in zip(deltas, weights)], key)
-    return B @ A
+    def matrix() -> Tensor:
+        B, A = cfg.merge_factors([dense_factors(d * w) for d, w in zip(deltas, weights)], key)
+        return B @ A
+
+    return per_tensor(deltas, weights, matrix, cfg.alpha)

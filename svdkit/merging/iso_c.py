@@ -19,7 +19,7 @@ from torch import Tensor
 
 from svdkit.core.linalg_merge import numerical_rank, thin_svd
 from svdkit.core.registry import config_to_dict, register
-from svdkit.merging.common import check_alpha, check_choice, is_matrix, weighted, weighted_mean
+from svdkit.merging.common import check_alpha, check_choice, check_svd_dtype, per_tensor, weighted
 
 
 def spectrum_mean(S: Tensor, mean: str = "arithmetic") -> Tensor:
@@ -59,12 +59,10 @@ class IsoC:
     def __post_init__(self):
         check_alpha(self)
         check_choice(self, "mean", ("arithmetic", "geometric"))
-        check_choice(self, "svd_dtype", ("float32", "float64"))
+        check_svd_dtype(self)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
     def merge(self, deltas: list[Tensor], weights: list[float], key: str = "", state=None) -> Tensor:
-        if not is_matrix(deltas[0]):
-            return self.alpha * weighted_mean(deltas, weights)
-        return self.alpha * iso_merge(deltas, weights, self.mean)
+        return per_tensor(deltas, weights, lambda: self.alpha * iso_merge(deltas, weights, self.mean), self.alpha)

@@ -11,7 +11,9 @@ Per matrix with T tasks, r = min(m, n), f = ``common_fraction`` (0.8, the paper'
 5. isotropic spectrum: every σ ← mean of the stacked σ; Δ = σ̄ U⊥ V⊥ᵀ, θ = θ₀ + α Δ.
 
 Directions with σ = 0 (a rank-deficient Δ_TA or Δ_t⊥, e.g. from LoRAs) are left out of the stacks, as in
-:mod:`svdkit.merging.iso_c`; for full-rank task matrices this is the paper's rule. Non-matrix tensors take
+:mod:`svdkit.merging.iso_c`; Δ_t⊥'s σ are judged against σ₁(Δ_TA), since a Δ_t⊥ that the common subspace
+already spans (LoRA tasks, whose summed rank is below k) is rounding noise with a σ₁ of its own; with it
+in the stack its near-zero σ would drag σ̄ down. For full-rank task matrices this is the paper's rule. Non-matrix tensors take
 the weighted mean of the deltas, scaled by α.
 """
 
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from svdkit.core.linalg_merge import numerical_rank, polar_factor, thin_svd
 from svdkit.core.registry import config_to_dict, register
-from svdkit.merging.common import check_alpha, check_choice, check_fraction, is_matrix, weighted, weighted_mean
+from svdkit.merging.common import check_alpha, check_fraction, check_svd_dtype, per_tensor, weighted
 
 
 def common_size(r: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -48,7 +50,7 @@ def iso_cts_merge(deltas: list[Tensor], weights: list[float], fraction: float = 
         for d in ws:
             resid = d - Uc @ (Uc.mT @ d)
             Ut, St, Vht = thin_svd(resid)
-            st = min(s, numerical_rank(St, resid.shape))
+            st = min(s, numerical_rank(St, resid.shape, reference=S[0]))  # a remainder at rounding level is rank 0
             Us.append(Ut[:, :st])
             Ss.append(St[:st])
             Vs.append(Vht[:st].mT)
@@ -78,12 +80,10 @@ class IsoCTS:
     def __post_init__(self):
         check_alpha(self)
         check_fraction(self, "common_fraction")
-        check_choice(self, "svd_dtype", ("float32", "float64"))
+        check_svd_dtype(self)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
     def merge(self, deltas: list[Tensor], weights: list[float], key: str = "", state=None) -> Tensor:
-        if not is_matrix(deltas[0]):
-            return self.alpha * weighted_mean(deltas, weights)
-        return self.alpha * iso_cts_merge(deltas, weights, self.common_fraction)
+        return per_tensor(deltas, weights, lambda: self.alpha * iso_cts_merge(deltas, weights, self.common_fraction), self.alpha)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from svdkit.core.linalg_merge import disjoint_mean, singular_value_threshold
 from svdkit.core.registry import config_to_dict, register
-from svdkit.merging.common import check_alpha, check_fraction, is_matrix
+from svdkit.merging.common import check_alpha, check_fraction, check_svd_dtype, is_matrix
 
 
 def lore_estimate(thetas: list[Tensor], threshold: float, iterations: int) -> tuple[Tensor, list[Tensor]]:
@@ -57,6 +57,7 @@ class Lore:
     def __post_init__(self):
         check_alpha(self)
         check_fraction(self, "threshold")
+        check_svd_dtype(self)
         if self.iterations < 1:
             raise ValueError(f"lore: iterations must be ≥ 1 (got {self.iterations}).")
 

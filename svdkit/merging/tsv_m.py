@@ -27,7 +27,7 @@ from torch import Tensor
 
 from svdkit.core.linalg_merge import numerical_rank, polar_factor, thin_svd, whitened
 from svdkit.core.registry import config_to_dict, register
-from svdkit.merging.common import check_alpha, check_choice, check_fraction, is_matrix, weighted, weighted_mean
+from svdkit.merging.common import check_alpha, check_choice, check_fraction, check_svd_dtype, per_tensor, weighted
 
 
 def tsv_merge(deltas: list[Tensor], weights: list[float], rank_fraction: float | None = None, orthogonalize: str = "polar") -> Tensor:
@@ -70,12 +70,10 @@ class TsvM:
         check_alpha(self)
         check_fraction(self, "rank_fraction")
         check_choice(self, "orthogonalize", ("polar", "whiten"))
-        check_choice(self, "svd_dtype", ("float32", "float64"))
+        check_svd_dtype(self)
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
 
     def merge(self, deltas: list[Tensor], weights: list[float], key: str = "", state=None) -> Tensor:
-        if not is_matrix(deltas[0]):
-            return self.alpha * weighted_mean(deltas, weights)
-        return self.alpha * tsv_merge(deltas, weights, self.rank_fraction, self.orthogonalize)
+        return per_tensor(deltas, weights, lambda: self.alpha * tsv_merge(deltas, weights, self.rank_fraction, self.orthogonalize), self.alpha)

@@ -57,7 +57,9 @@ def build(params: nn.Module | Iterable, cfg, lr: float | None = None) -> torch.o
     lr = cfg.default_lr if lr is None else lr
     if getattr(cfg, "parametrizes", False):
         if not isinstance(params, nn.Module):
-            raise ValueError(f"{cfg.name} is a parametrization: pass the model, after svdkit.optim.parametrize(model, cfg).")
+            raise ValueError(f"{cfg.name} is a parametrization for training from scratch: pass the model, after "
+                             f"svdkit.optim.parametrize(model, cfg) (CLI: `svdkit pretrain --optimizer {cfg.name}`; "
+                             "`svdkit finetune --optimizer` takes the GaLore family, adamw or muon).")
         return cfg.make_for(params, lr)
     if isinstance(params, nn.Module):
         groups = param_groups(params, getattr(cfg, "share_heads", False))

@@ -17,7 +17,10 @@ Choices (each a param-group option, so groups may differ):
 - ``on_switch``: at a refresh the old moments are expressed in the old basis. "keep" leaves them as they are
   (galore-torch), "reset" (the default) zeroes them and restarts bias correction, "rotate" maps them with
   C = P_newᵀ P_old (:func:`svdkit.optim.projection.transport`). Online-PCA's per-step drift always keeps them
-  (the paper's rule). The default comes from BENCHMARKS.md's measurement (``benchmarks/pretrain.py --spike``).
+  (the paper's rule). The default comes from BENCHMARKS.md's measurement (``benchmarks/pretrain.py --spike``:
+  bench-tier pre-training, 2 seeds per rule, same batches): held-out perplexity reset 310 < keep 336 < rotate
+  365 (both seeds agree), while the train-loss jump at refreshes did not separate the rules (within 0.006
+  nats). "keep" remains an option and reproduces the reference (galore-torch; DESIGN.md §8's example).
 - Weight decay is decoupled and applied to the full weight before the update (torch.optim.AdamW's order;
   galore-torch applies it after). Bias correction as torch.optim.AdamW (ε added to √V̂).
 - Q-GaLore options: ``lazy_threshold`` (double a layer's refresh gap once ``lazy_queue`` successive refreshes
@@ -26,8 +29,16 @@ Choices (each a param-group option, so groups may differ):
   from a seeded generator per parameter and step). GaLore+ option: ``heads`` > 0 computes the (right,
   input-side) projector of a matrix whose rows are ``heads`` equal head blocks from the block with the largest
   gradient norm only, and shares it across heads (needs rank ≤ rows/heads; otherwise the whole matrix).
+  GaLore+'s sparsely coded residual, ``residual_density`` = d > 0: what the projection drops, E = X − P Pᵀ X,
+  gets its own Adam on a sparse support Ω (the k = ⌈d·s·L⌉ largest |E| entries, chosen at each refresh
+  from that step's gradient and fixed until the next): e = E[Ω] (k,), m_e ← β1 m_e + (1 − β1) e,
+  v_e ← β2 v_e + (1 − β2) e², and the update becomes scale · (P N + scatter_Ω(m̂_e / (√v̂_e + ε))).
+  Ω's moments restart at every refresh (the residual is relative to P, so its coordinates change with P,
+  whatever ``on_switch`` does to the low-rank moments); E[Ω] is computed as X[Ω] − rows of P · columns of
+  R (k·r work, E never formed between refreshes). Needs periodic refreshes (not "online-pca").
 - State per low-rank matrix: ``exp_avg``/``exp_avg_sq`` (r × L, fp32), ``proj`` (s × r fp32; "dct": ``proj_idx``
-  (r,) int64 instead), counters as Python numbers; online-pca adds the projector's own Adam moments (2 s r).
+  (r,) int64 instead), counters as Python numbers; online-pca adds the projector's own Adam moments (2 s r);
+  the residual adds ``res_idx`` (k,) int64 and ``res_avg``/``res_avg_sq`` (k,) fp32 (16 bytes per entry).
   Everything is a tensor or a number, so ``torch.load(weights_only=True)`` + ``load_state_dict`` resumes
   bit-identically (random draws are seeded by (seed, parameter index, refresh count)).
 """
@@ -47,7 +58,7 @@ from svdkit.optim.quant import fake_quantize
 DEFAULTS = dict(
     lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, low_rank=None, rank=128, update_gap=200, scale=0.25,
     projection="svd", on_switch="reset", niter=2, seed=0, pca_lr_ratio=5.0, ortho=0.1, lazy_threshold=None,
-    lazy_queue=5, proj_bits=None, weight_bits=None, quant_group=256, heads=0,
+    lazy_queue=5, proj_bits=None, weight_bits=None, quant_group=256, heads=0, residual_density=0.0,
 )  # fmt: skip
 
 
@@ -125,6 +136,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         bc1, bc2 = 1 - b1 ** st["moment_step"], 1 - b2 ** st["moment_step"]
         N = (st["exp_avg"] / bc1) / ((st["exp_avg_sq"] / bc2).sqrt().add_(group["eps"]))
         U = (P @ N).mul_(group["scale"])
+        if "res_idx" in st:  # GaLore+'s sparsely coded residual
+            U.view(-1).index_add_(0, st["res_idx"], self._residual_step(group, st, X, P, R), alpha=group["scale"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_((U.T if st["transposed"] else U).to(p.dtype), alpha=-group["lr"])
         if group["projection"] == "online-pca":
@@ -176,6 +189,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if group["proj_bits"]:
                 new = fake_quantize(new, group["proj_bits"], group["quant_group"])
             st["proj"] = new.contiguous()
+        if group["residual_density"]:
+            st["res_idx"] = proj.residual_support(X, self.projector(p), group["residual_density"])
+            zeros = torch.zeros(st["res_idx"].numel(), device=X.device)
+            st.update(res_avg=zeros, res_avg_sq=zeros.clone(), res_step=0)
         if kind == "online-pca":
             st.update(pca_m=torch.zeros_like(new), pca_v=torch.zeros_like(new), pca_step=0)
         st["refreshes"] += 1
@@ -200,6 +217,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
             m, v = proj.transport(st["exp_avg"], st["exp_avg_sq"], new.T @ old, 1 - b1**t, 1 - b2**t)
             st["exp_avg"].copy_(m)
             st["exp_avg_sq"].copy_(v)
+
+    def _residual_step(self, group: dict, st: dict, X: Tensor, P: Tensor, R: Tensor) -> Tensor:
+        """Adam on the residual's support Ω: returns m̂_e / (√v̂_e + ε) (k,), bias-corrected by its own count."""
+        e = proj.residual_at(X, P, R, st["res_idx"])
+        b1, b2 = group["betas"]
+        st["res_step"] += 1
+        st["res_avg"].lerp_(e, 1 - b1)
+        st["res_avg_sq"].mul_(b2).addcmul_(e, e, value=1 - b2)
+        bc1, bc2 = 1 - b1 ** st["res_step"], 1 - b2 ** st["res_step"]
+        return (st["res_avg"] / bc1) / ((st["res_avg_sq"] / bc2).sqrt().add_(group["eps"]))
 
     def _online_pca_step(self, group: dict, st: dict, X: Tensor) -> None:
         """One Adam step on P for the online-PCA loss, lr = pca_lr_ratio · η_t (OSD §5.3: η_P = α η_W, α = 5)."""
@@ -239,6 +266,11 @@ def _check_group(group: dict) -> None:
         raise ValueError(f"GaLoreAdamW: projection must be one of {proj.PROJECTIONS}, got {group['projection']!r}.")
     if group["on_switch"] not in proj.ON_SWITCH:
         raise ValueError(f"GaLoreAdamW: on_switch must be one of {proj.ON_SWITCH}, got {group['on_switch']!r}.")
+    if not 0 <= group["residual_density"] <= 1:
+        raise ValueError(f"GaLoreAdamW: residual_density must be in [0, 1] (0: off), got {group['residual_density']}.")
+    if group["residual_density"] and group["projection"] == "online-pca":
+        raise ValueError("GaLoreAdamW: residual_density needs a projection with periodic refreshes (its support is chosen "
+                         "at each refresh); online-pca never refreshes. Use another projection or residual_density=0.")
     for key in ("rank", "update_gap"):
         if int(group[key]) <= 0:
             raise ValueError(f"GaLoreAdamW: {key} must be a positive integer, got {group[key]}.")

@@ -21,7 +21,8 @@ class LowRankGradient:
     ``on_switch`` defaults to "reset", from BENCHMARKS.md's measurement (``benchmarks/pretrain.py --spike``,
     bench tier, 2 seeds each): the mean train-loss jump at the refreshes could not separate the three rules
     (within 0.006 nats, below the step-to-step noise), and held-out perplexity ordered reset (310) < keep (336)
-    < rotate (365), seed spreads ≤ 28.
+    < rotate (365), seed spreads ≤ 28. ``on_switch="keep"`` stays available: it is galore-torch's behaviour (the
+    reference) and the one DESIGN.md §8's example passes.
     """
 
     kind: ClassVar[str] = "optim"
@@ -49,6 +50,7 @@ class LowRankGradient:
     weight_bits: int | None = None
     quant_group: int = 256
     share_heads: bool = False  # GaLore+: one projector per attention matrix, from its strongest head
+    residual_density: float = 0.0  # GaLore+: fraction of each matrix's entries in the sparse residual (0: off)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -127,11 +129,22 @@ class QGaLore(LowRankGradient):
 class GaLorePlus(LowRankGradient):
     """GaLore+ (https://arxiv.org/abs/2412.19820): randomized subspace iteration (svdkit's seeded engine,
     ``niter`` = 2) instead of a full SVD, and for attention q/k/v one input-side projector per matrix
-    computed from its strongest head's rows and shared by all heads. The paper's sparse residual of the
-    moments is not implemented."""
+    computed from its strongest head's rows and shared by all heads; and the sparsely coded residual
+    (``residual_density``, on by default as in the paper; 0 turns it off).
+
+    The residual as implemented (equations in :mod:`svdkit.optim.engine`): the part of each gradient the
+    projection drops, E = X − P Pᵀ X, keeps its own Adam moments on a sparse support Ω — the ⌈density·s·L⌉
+    entries with the largest |E| at the last refresh — and scale · m̂_e / (√v̂_e + ε) is added to the
+    low-rank update on Ω. Source note: the paper's abstract says sparsely coded residuals reduce the
+    low-rank error of the first- and second-order moments and of the weight update, and its ablation varies
+    the proportion of non-zero entries of a "sparse indexing matrix"; the section with the exact equations
+    and the density of its main tables could not be read with the tools available to us. The formulation
+    above is ours, consistent with that description; ``residual_density`` = 0.01 (1 % of the entries, 16
+    bytes each: an int64 index and two fp32 moments) is our choice, not a number from the paper."""
 
     name = "galore-plus"
     paper = "https://arxiv.org/abs/2412.19820"
-    summary = "GaLore with randomized subspace iteration and a cross-head shared attention projector"
+    summary = "GaLore with randomized subspace iteration, a cross-head shared projector and a sparse moment residual"
     projection: str = "randomized"
     share_heads: bool = True
+    residual_density: float = 0.01

@@ -8,6 +8,8 @@ is always on the smaller side and the moments (r × L) on the larger, as in GaLo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -84,3 +86,18 @@ def transport(exp_avg: Tensor, exp_avg_sq: Tensor, C: Tensor, bc1: float, bc2: f
     new_m_hat = C @ m_hat
     new_v_hat = (C * C) @ (v_hat - m_hat.square()).clamp_min(0) + new_m_hat.square()
     return new_m_hat * bc1, new_v_hat * bc2
+
+
+def residual_support(X: Tensor, P: Tensor, density: float) -> Tensor:
+    """Ω for GaLore+'s sparsely coded residual: flat indices (k,), ascending, of the k = ⌈density · s · L⌉
+    entries of E = X − P Pᵀ X (what the projection drops) with the largest |E|."""
+    E = X.float() - P @ (P.T @ X.float())
+    k = min(E.numel(), max(1, math.ceil(density * E.numel())))
+    return torch.topk(E.abs().reshape(-1), k).indices.sort().values
+
+
+def residual_at(X: Tensor, P: Tensor, R: Tensor, idx: Tensor) -> Tensor:
+    """(X − P R)[idx] (k,) for flat indices of the s × L matrix X, R = Pᵀ X: row i of P times column j of R
+    per entry (k·r work; the s × L residual is never formed)."""
+    rows, cols = idx // X.shape[1], idx % X.shape[1]
+    return X[rows, cols].float() - (P[rows] * R[:, cols].T).sum(dim=1)

@@ -10,7 +10,9 @@ Choices (as read from the paper; each stated):
 - "Enhanced gradient": the gradients of u_i and v_i are divided by σ_i (floored at 1e-3·σ_max), i.e. they are
   ∂L/∂W · v_i and (∂L/∂W)ᵀ u_i, so small-σ directions still move. σ gets its plain gradient.
 - Between rounds, W is recomposed and decomposed again (exact SVD, sign-fixed) so U and V stay orthonormal,
-  and the Adam moments of U, σ, V restart (their coordinates changed).
+  and the Adam moments of U, σ, V restart (their coordinates changed). The re-SVD runs right after the last
+  update of a round, so the next round's gradients are taken at the new factors (re-decomposing at the start
+  of a step would apply gradients taken at the old U, V to the new ones).
 - The optimizer is torch's AdamW for everything (embeddings, norms, σ, the sampled vectors); the unsampled
   columns of U and V are restored after each step, so neither momentum nor weight decay moves them.
 """
@@ -77,10 +79,6 @@ class SSTAdamW(torch.optim.AdamW):
         t = self.param_groups[0]["sst_step"]
         if t % self.update_gap == 0:
             for name, layer in self.layers:
-                if t > 0:
-                    layer.resvd()
-                    for p in (layer.U, layer.S, layer.V):
-                        self.state[p] = {}
                 layer.resample(self.rank, linalg.layer_seed(self.seed, f"{name}:{t // self.update_gap}"))
         frozen = []
         for _, layer in self.layers:
@@ -95,6 +93,11 @@ class SSTAdamW(torch.optim.AdamW):
         for p, values, off, grad in frozen:
             p[:, off] = values
             p.grad = grad
+        if (t + 1) % self.update_gap == 0:  # the round ends: re-decompose, restart the moments
+            for _, layer in self.layers:
+                layer.resvd()
+                for p in (layer.U, layer.S, layer.V):
+                    self.state[p] = {}
         self.param_groups[0]["sst_step"] = t + 1
         return loss
 

@@ -131,9 +131,17 @@ def _check_messages(messages) -> list[dict]:
 
 
 def record_example(tok, record) -> dict:
-    """One JSONL record (prompt/response, messages or text) → example; Malformed says why it cannot be."""
+    """One JSONL record (prompt/response, messages or text) → example; Malformed says why it cannot be.
+
+    An optional string ``"group"`` (a topic, a client, a demographic) is kept as the example's ``group``:
+    per-group training and reports (continual tasks ``NAME@GROUP``, federated splits) read it; batching ignores it.
+    """
     if not isinstance(record, dict):
         raise Malformed(f"expected a JSON object, got {type(record).__name__}")
+    if "group" in record:
+        if not isinstance(record["group"], str) or not record["group"]:
+            raise Malformed("'group' must be a non-empty string")
+        return dict(record_example(tok, {k: v for k, v in record.items() if k != "group"}), group=record["group"])
     if "messages" in record:
         return chat_example(tok, _check_messages(record["messages"]))
     if "prompt" in record or "response" in record:
@@ -158,6 +166,11 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 def chatterbot_conversations() -> list[list[str]]:
     """The English chatterbot corpus (BSD): its conversations, each a list of ≥ 2 non-empty turns."""
+    return [turns for _, turns in chatterbot_topics()]
+
+
+def chatterbot_topics() -> list[tuple[str, list[str]]]:
+    """(topic, turns) for each chatterbot conversation: the topic is its file's name (ai, food, science, …)."""
     import yaml
 
     folder = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
@@ -169,17 +182,19 @@ def chatterbot_conversations() -> list[list[str]]:
                 continue
             turns = [str(t).strip() if isinstance(t, (str, int, float)) else None for t in conv]
             if len(turns) >= 2 and all(turns):
-                conversations.append(turns)
+                conversations.append((path.stem, turns))
     return conversations
 
 
 def _chatterbot(tok, max_length: int) -> tuple[list[dict], int]:
-    """Each conversation as alternating user/assistant turns (a trailing user turn is dropped)."""
+    """Each conversation as alternating user/assistant turns (a trailing user turn is dropped); its topic is
+    the example's ``group`` (see :func:`record_example`)."""
     items = []
-    for turns in chatterbot_conversations():
+    for topic, turns in chatterbot_topics():
         turns = turns[: len(turns) // 2 * 2]
         items.append(chat_example(tok, [{"role": ("user", "assistant")[i % 2], "content": t}
                                         for i, t in enumerate(turns)]))
+        items[-1]["group"] = topic
     kept = [x for x in items if len(x["input_ids"]) <= max_length]
     return kept, len(items) - len(kept)
 

@@ -24,7 +24,7 @@ from svdkit.core.checkpoint import STATE, load_state, save_state
 from svdkit.core.files import atomic_dir, mark, remove_output, write_text
 from svdkit.core.models import load_model
 from svdkit.adapters.saving import load_adapter, save_adapter
-from svdkit.training.loop import make_optimizer, rng_state, set_rng_state, train_step
+from svdkit.training.loop import data_splits, make_optimizer, rng_state, set_rng_state, split_schedule, train_step
 
 CONFIG, METRICS, CHECKPOINT, BEFORE = "config.json", "metrics.jsonl", "checkpoint", "before.json"
 
@@ -276,17 +276,21 @@ def _run_loop(cfg, out, net, ddp, loop, train_items, heldout, pad_id, main, prog
     bar = tqdm(total=cfg.steps, initial=loop.step, desc="svdkit finetune", unit="step",
                disable=(not main) if progress is None else not (progress and main))  # fmt: skip
     monitor = None
+    splits, schedule = data_splits(net, train_items, cfg.seed), split_schedule(net, loop.step)
     if cfg.monitor == "spectral" and main:  # forward hooks; each step's record joins metrics.jsonl
         from svdkit.inspection.monitor import SpectralMonitor
 
         monitor = SpectralMonitor(net, log=tqdm.write)
     try:
         while loop.step < cfg.steps:
-            mbs = _micro_batches(cfg, batch_at(train_items, loop.step, cfg.batch_size, cfg.seed), rank, world, pad_id)
+            split, index = next(schedule)  # two-split methods (BiLoRA) alternate D₁ and D₂ batches
+            mbs = _micro_batches(cfg, batch_at(splits[split], index, cfg.batch_size, cfg.seed), rank, world, pad_id)
             start = time.perf_counter()
-            row = train_step(net, ddp, mbs, loop, max_grad_norm=cfg.max_grad_norm, peak_lr=cfg.peak_lr, total=cfg.steps)
+            row = train_step(net, ddp, mbs, loop, max_grad_norm=cfg.max_grad_norm, peak_lr=cfg.peak_lr, total=cfg.steps,
+                             split=split)  # fmt: skip
             seconds = time.perf_counter() - start
             row.update(step_s=round(seconds, 3), tokens_per_s=round(row.pop("tokens") / seconds, 1))
+            row.update({"split": split} if len(splits) > 1 else {})  # which split's batch the loss is on
             row.update(monitor.after_step(loop.step) if monitor else {})
             if loop.step % cfg.eval_every == 0 or loop.step == cfg.steps:
                 if main:

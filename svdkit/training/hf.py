@@ -12,7 +12,7 @@ from __future__ import annotations
 from transformers import Trainer, TrainerCallback
 
 from svdkit.adapters import api
-from svdkit.training.loop import schedule_weight_decay
+from svdkit.training.loop import check_one_stream, schedule_weight_decay
 from svdkit.training.batches import select_labelled
 
 
@@ -25,6 +25,9 @@ def _unwrap(model):
 class SvdkitCallback(TrainerCallback):
     """Runs svdkit.after_clipping (and the method's weight-decay schedule) before each optimizer step and
     svdkit.after_step after it."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_one_stream(_unwrap(model), "the Hugging Face Trainer")  # BiLoRA needs two data splits
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         api.after_clipping(_unwrap(model), args.learning_rate)

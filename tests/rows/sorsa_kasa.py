@@ -12,10 +12,14 @@ def with_diagonal(W, cfg, bias):
 
 
 def kasa_truncated(W, cfg, name):
-    """The weight KaSA prescribes at init, by an independent fp64 SVD: W minus its r smallest triplets."""
+    """The weight KaSA prescribes at init, by an independent fp64 SVD: W minus its t smallest triplets,
+    t = r ("paper") or the released code's r − (in − out) clipped to [0, r] (it keeps in − r components)."""
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    r = cfg.rank
-    tail = U[:, -r:] @ torch.diag(S[-r:]) @ Vh[-r:, :]
+    out, inp = W.shape
+    t = cfg.rank if cfg.truncate == "paper" else max(0, min(cfg.rank, min(out, inp) - (inp - cfg.rank)))
+    if t == 0:
+        return W
+    tail = U[:, -t:] @ torch.diag(S[-t:]) @ Vh[-t:, :]
     return (W.double() - tail).to(W.dtype)
 
 
@@ -28,5 +32,6 @@ ROWS = [
     Row("effort", dict(rank=2, orth_weight=1.0, norm_weight=1.0), params=with_diagonal, id="effort-regularized"),
     Row("kasa", dict(rank=4), params=with_diagonal, init_weight=kasa_truncated),
     Row("kasa", dict(rank=4, alpha=8, fold=True), params=with_diagonal, init_weight=kasa_truncated, id="kasa-fold"),
+    Row("kasa", dict(rank=4, truncate="paper"), params=with_diagonal, init_weight=kasa_truncated, id="kasa-paper"),
     Row("soma", dict(rank=4)),
 ]

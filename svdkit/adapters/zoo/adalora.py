@@ -23,88 +23,16 @@ from svdkit.adapters.config import AdapterConfig
 from svdkit.core.registry import register
 from svdkit.adapters.cores import Delta
 from svdkit.adapters.layers import Init
-from svdkit.core.linalg import layer_seed
+from svdkit.adapters.rank_schedule import (  # noqa: F401  (budget_schedule, triplet_scores: public here too)
+    INIT_STD, allocate_by_score, budget_schedule, run_schedule, triplet_init, triplet_scores, update_sensitivities,
+)
 from svdkit.core.checks import check_number
 from svdkit.core.linalg_rank import orthogonality as factor_orthogonality
-
-INIT_STD = 0.02  # P, Q ~ N(0, 0.02²), as the paper's code and PEFT
-
-
-_KEYS = {"P": "P", "λ": "lambda", "Q": "Q"}  # buffer names: avg_P, unc_lambda, …
-
-
-class _LayerState:
-    """One layer's allocator state, kept as tensors in ``layer.method_state`` (saved by checkpoints):
-    ``avg_*`` Ī and ``unc_*`` Ū per factor (absent: zeros), ``keep`` the bool λ mask (False = pruned, λᵢ held
-    at 0; absent: no allocation yet), ``phase`` = [update_next, final, step, total]: update_next is 0 once
-    the next step is the final allocation or later (no more EMAs), final is 1 once ``keep`` is fixed for
-    the rest of the run, and (step, total) the last step seen and its run's length."""
-
-    def __init__(self, layer):
-        self.store = layer.method_state
-        phase = self.store.get("phase")
-        self.update_next, self.final, self.step, self.total = (1, 0, 0, 0) if phase is None else phase.tolist()
-
-    def ema(self, kind: str, key: str) -> Tensor | None:
-        return self.store.get(f"{kind}_{_KEYS[key]}")
-
-    def set_ema(self, kind: str, key: str, value: Tensor) -> None:
-        self.store.set(f"{kind}_{_KEYS[key]}", value)
-
-    @property
-    def keep(self) -> Tensor | None:
-        return self.store.get("keep")
-
-    @keep.setter
-    def keep(self, value: Tensor) -> None:
-        self.store.set("keep", value)
-
-    def save_phase(self) -> None:
-        values = [int(self.update_next), int(self.final), int(self.step), int(self.total)]
-        self.store.set("phase", torch.tensor(values, dtype=torch.int64))
-
-    def reset(self) -> None:
-        self.store.clear()
-        self.update_next, self.final, self.step, self.total = 1, 0, 0, 0
-
-    def drop_emas(self) -> None:
-        for kind in ("avg", "unc"):
-            for key in _KEYS.values():
-                self.store.pop(f"{kind}_{key}")
-
-
-def _state(layer) -> _LayerState:
-    return _LayerState(layer)
-
-
-def _factors(layer) -> dict[str, Tensor]:
-    """The trained tensors of one layer by their paper names: P (m×r₀), λ (r₀), Q (r₀×n)."""
-    return {"P": layer.lora_B, "λ": layer.core.value, "Q": layer.lora_A}
 
 
 def orthogonality(layer) -> Tensor:
     """‖PᵀP − I‖_F + ‖QQᵀ − I‖_F of one layer (not squared)."""
     return factor_orthogonality(layer.lora_B, layer.lora_A)
-
-
-def budget_schedule(step: int, total: int, init_budget: int, target_budget: int, tinit: int, tfinal: int,
-                    delta_t: int) -> tuple[int, bool]:  # fmt: skip
-    """(b(t), whether step t allocates). b = b₀ for t ≤ t_i; b_T for t > T − t_f; between them
-    ⌊b_T + (b₀ − b_T)(1 − (t − t_i)/(T − t_f − t_i))³⌋, allocating when t % ΔT == 0 (and always at T − t_f)."""
-    if step <= tinit:
-        return init_budget, False
-    if step >= total - tfinal:
-        return target_budget, True
-    cubic = (1 - (step - tinit) / (total - tfinal - tinit)) ** 3
-    return int((init_budget - target_budget) * cubic + target_budget), step % delta_t == 0
-
-
-def triplet_scores(layer) -> Tensor:
-    """Sᵢ = s(λᵢ) + mean_j s(Q_ij) + mean_j s(P_ji), s = Ī·Ū per entry (zeros before any sensitivity)."""
-    st, f = _state(layer), _factors(layer)
-    score = {k: st.ema("avg", k) * st.ema("unc", k) if st.ema("avg", k) is not None else torch.zeros_like(f[k])
-             for k in f}  # fmt: skip
-    return (score["λ"] + score["Q"].mean(dim=1) + score["P"].mean(dim=0)).detach()
 
 
 @register
@@ -167,15 +95,7 @@ class AdaLoRA(AdapterConfig):
         check_number(self, "deltaT (steps between budget allocations)", self.deltaT, low=1, integer=True)
 
     def initialize(self, weights, names, calibration=None) -> Init:
-        b, m, n = weights.shape
-        A, B = torch.empty(b, self.rank, n, dtype=self.dtype), torch.empty(b, m, self.rank, dtype=self.dtype)
-        for i, name in enumerate(names):
-            gen = torch.Generator().manual_seed(layer_seed(self.seed, name))
-            A[i].normal_(0.0, INIT_STD, generator=gen)
-            B[i].normal_(0.0, INIT_STD, generator=gen)
-        device = weights.device
-        return Init(A=A.to(device), B=B.to(device), subtract=False,
-                    core={"value": torch.zeros(b, self.rank, dtype=self.dtype, device=device)})  # fmt: skip
+        return triplet_init(self, weights, names)
 
     core_type = Delta
 
@@ -184,71 +104,14 @@ class AdaLoRA(AdapterConfig):
         the layers, so the total is γ times PEFT's mean over the 2L factor matrices."""
         return None if self.orth_reg_weight == 0 else self.orth_reg_weight * 0.5 * orthogonality(layer)
 
-    # -- the schedule -----------------------------------------------------------------------------------
+    # -- the schedule (svdkit.adapters.rank_schedule) --------------------------------------------------
     def after_clipping(self, layers: dict, peak_lr: float) -> None:
         """Ī ← β₁Ī + (1 − β₁)I and Ū ← β₂Ū + (1 − β₂)|I − Ī| with I = |w·∂L/∂w| (until the final allocation)."""
-        with torch.no_grad():
-            for layer in layers.values():
-                st = _state(layer)
-                if not st.update_next:
-                    continue
-                for key, p in _factors(layer).items():
-                    if p.grad is None:
-                        continue
-                    sens = (p * p.grad).abs()
-                    old_avg, old_unc = st.ema("avg", key), st.ema("unc", key)
-                    avg = self.beta1 * (torch.zeros_like(p) if old_avg is None else old_avg) + (1 - self.beta1) * sens
-                    unc = (self.beta2 * (torch.zeros_like(p) if old_unc is None else old_unc)
-                           + (1 - self.beta2) * (sens - avg).abs())  # fmt: skip
-                    st.set_ema("avg", key, avg)
-                    st.set_ema("unc", key, unc)
+        update_sensitivities(layers, self.beta1, self.beta2)
 
     def after_step(self, layers: dict, step: int, total_steps: int) -> None:
         """Allocate the budget b(step) (every ΔT steps, and finally at T − t_f) and hold pruned λᵢ at 0."""
-        if not layers:
-            return
-        last = total_steps - self.tfinal
-        if self.tinit >= last:
-            raise ValueError(f"AdaLoRA: tinit ({self.tinit}) + tfinal ({self.tfinal}) leave no pruning phase in "
-                             f"{total_steps} training steps; lower them or train for more steps.")  # fmt: skip
-        names = sorted(layers)
-        states = [_state(layers[n]) for n in names]
-        if any(st.step >= step or st.total not in (0, total_steps) for st in states):
-            for st in states:  # a new run on the same model (the step counter restarted): fresh state
-                st.reset()
-        for st in states:
-            st.step, st.total = step, total_steps
-        if step > last and any(st.keep is None for st in states):  # resumed in the final phase: λ's zeros
-            for n, st in zip(names, states):
-                st.keep, st.final = layers[n].core.value.detach() != 0, True
-        if step <= last and not states[0].final:
-            init_budget = sum(layers[n].core.value.numel() for n in names)
-            budget, allocate = budget_schedule(step, total_steps, init_budget, self.target_r * len(names),
-                                               self.tinit, self.tfinal, self.deltaT)  # fmt: skip
-            if allocate:
-                self._allocate([layers[n] for n in names], init_budget - budget)
-            for st in states:
-                st.update_next = step + 1 < last
-                if step == last:
-                    st.final = True
-                    st.drop_emas()
-        for st in states:
-            st.save_phase()
-        with torch.no_grad():
-            for n, st in zip(names, states):
-                if st.keep is not None:
-                    layers[n].core.value.masked_fill_(~st.keep, 0.0)
-
-    def _allocate(self, layers: list, n_pruned: int) -> None:
-        """keep = (Sᵢ > the n_pruned-th smallest score over all the layers' triplets); nothing if n_pruned ≤ 0."""
-        scores = [triplet_scores(layer) for layer in layers]
-        if n_pruned <= 0:
-            keeps = [torch.ones_like(s, dtype=torch.bool) for s in scores]
-        else:
-            threshold = torch.kthvalue(torch.cat(scores), n_pruned).values
-            keeps = [s > threshold for s in scores]
-        for layer, keep in zip(layers, keeps):
-            _state(layer).keep = keep
+        run_schedule(self, layers, step, total_steps, allocate_by_score)
 
 
 def ranks(model) -> dict[str, int]:
