@@ -229,7 +229,7 @@ def main() -> None:
                        f"{' (' + '; '.join(reused) + ')' if reused else ''}.\n")
     print(text)
     write_report(args.out, text)
-    assert all(math.isfinite(r["ppl"]) or r["ppl"] == math.inf for r in results.values())
+    assert all(math.isfinite(r["ppl"]) or r["ppl"] == math.inf for r in results.values() if r is not None)
 
 
 if __name__ == "__main__":
