@@ -93,9 +93,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tiny_run_inputs, tm
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_run_inputs, tmp_path):
     out = tmp_path / "run"
-    # far more steps than it can run before the signal lands (a loaded parent may poll late): never a race
+    # far more steps than it can run before the signal lands (a loaded parent may poll late): never a race; and
+    # SIGINT restored to its default in the child (a test run started in the background inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen(_cli(tiny_run_inputs, out, "--steps", "100000"), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     _wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
