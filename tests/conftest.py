@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -114,3 +115,26 @@ def tiny_run_inputs(tmp_path_factory):
              for a in range(8) for b in range(5)]  # fmt: skip
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     return root / "model", root / "data.jsonl"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two on a shared, loaded CPU (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_grads(shape, n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` seeded Gaussian tensors of ``shape`` (a gradient stream for optimizer tests)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

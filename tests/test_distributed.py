@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import torch
@@ -12,15 +11,11 @@ import torch.multiprocessing as mp
 import svdkit
 from svdkit.adapters.api import adapted_layers
 
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 
 CFG = dict(rank=3, svd="randomized", niter=2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -42,7 +37,7 @@ def _leave() -> None:
 
 
 def test_split_init_equals_single_process_init(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     single = svdkit.adapt(tiny_model("llama"), svdkit.PiSSA(**CFG), progress=False)
     expected = {n: (l.lora_A.detach(), l.lora_B.detach()) for n, l in adapted_layers(single)}
     for rank in (0, 1):
@@ -76,7 +71,7 @@ def test_two_process_training_equals_single_process_training(tiny_run_inputs, tm
 
     model, data = tiny_run_inputs
     cfg = dict(TRAIN, model=str(model), data=str(data))
-    mp.start_processes(_train_worker, args=(2, _free_port(), cfg, str(tmp_path / "ddp")), nprocs=2, join=True,
+    mp.start_processes(_train_worker, args=(2, free_port(), cfg, str(tmp_path / "ddp")), nprocs=2, join=True,
                        start_method="spawn")  # fmt: skip
     finetune(FinetuneConfig(**cfg), tmp_path / "single", progress=False, log=lambda *_: None)
     got = load_file(tmp_path / "ddp" / "adapter" / "adapter.safetensors")
@@ -141,7 +136,7 @@ def _calibration_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_calibration_statistics_are_reduced_over_ranks(tmp_path):
     from svdkit.core.calibration import Calibration
 
-    mp.start_processes(_calibration_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")  # fmt: skip
+    mp.start_processes(_calibration_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")  # fmt: skip
     for gathered in (False, True):
         single = svdkit.calibrate(tiny_model("llama"), calibration_batches(4), StatLoRA(gathered=gathered), progress=False)
         for rank in (0, 1):

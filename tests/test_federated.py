@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -21,7 +20,7 @@ from svdkit.training.batches import collate, token_loss_sum
 from svdkit.training.federated import FederatedConfig, client_update, federated, global_state, load_state, server_update
 from svdkit.training.privacy import clipped_noisy_gradient, epsilon, rdp_sampled_gaussian
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, free_port, tiny_model
 
 TINY = dict(rank=2, targets="q_proj|v_proj")
 
@@ -144,10 +143,6 @@ CLIENTS = [(10, 6, [4, 5, 6]), (11, 4, [30, 31, 32])]
 RUN = dict(TINY, rounds=2, local_steps=2, batch_size=3, lr=1e-2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -165,7 +160,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_processes_one_client_each_equal_the_simulation(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     model = tiny_model("llama")
     federated(model, [_items(*c) for c in CLIENTS], FederatedConfig(**RUN), pad_id=0, progress=False)
     expected = {f"{n}.{k}": v for n, d in global_state(model).items() for k, v in d.items()}

@@ -13,21 +13,12 @@ from svdkit.core.linalg import dct_matrix
 from svdkit.optim import projection as proj
 from svdkit.optim.quant import fake_quantize
 
-from conftest import tiny_model
+from conftest import random_grads, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is several times faster than two on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _grads(shape, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for _ in range(n)]
 
 
 def _top_left(X, r):
@@ -69,7 +60,7 @@ def reference_galore(W, grads, r, T, scale, lr, on_switch, wd=0.0, b1=0.9, b2=0.
 @pytest.mark.parametrize("on_switch", ["keep", "reset", "rotate"])
 def test_galore_matches_the_written_out_update(shape, on_switch):
     W0 = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    grads = _grads(shape, 7)
+    grads = random_grads(shape, 7)
     W = torch.nn.Parameter(W0.clone())
     opt = O.GaLoreAdamW([W], lr=0.05, rank=3, update_gap=3, scale=0.5, on_switch=on_switch, weight_decay=0.1)
     for G in grads:
@@ -86,7 +77,7 @@ def test_vectors_and_excluded_matrices_get_torch_adamw():
     a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
     opt = O.GaLoreAdamW([{"params": [a]}, {"params": [b], "low_rank": False}], lr=1e-2, weight_decay=0.1)
     ref = torch.optim.AdamW([a2, b2], lr=1e-2, weight_decay=0.1)
-    for ga, gb in zip(_grads((5,), 4), _grads((4, 6), 4, 1)):
+    for ga, gb in zip(random_grads((5,), 4), random_grads((4, 6), 4, 1)):
         a.grad, b.grad, a2.grad, b2.grad = ga, gb, ga.clone(), gb.clone()
         opt.step()
         ref.step()
@@ -273,7 +264,7 @@ def test_galore_torch_parity():
     galore_torch = pytest.importorskip("galore_torch", reason="galore-torch not installed (pip install --no-deps galore-torch bitsandbytes)")
     for shape in [(6, 10), (10, 6)]:
         W0 = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
-        grads = _grads(shape, 5, 3)
+        grads = random_grads(shape, 5, 3)
         ours, theirs = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
         opt = O.GaLoreAdamW([ours], lr=0.01, rank=3, update_gap=100, scale=0.25, eps=1e-12)
         ref = galore_torch.GaLoreAdamW([{"params": [theirs], "rank": 3, "update_proj_gap": 100, "scale": 0.25,

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 import svdkit
 import svdkit.optim as O
 
-from test_distributed import _free_port, _leave
+from conftest import free_port
+from test_distributed import _leave
 from test_optim import _tiny_lm
 
 CFG = dict(rank=4, update_gap=2)
@@ -50,7 +51,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_ddp_projectors_are_identical_on_every_rank_and_match_one_process(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["projs"].keys() == r1["projs"].keys() and len(r0["projs"]) == 3
     for name in r0["projs"]:

@@ -13,12 +13,7 @@ import svdkit.optim as O
 from svdkit.optim import projection as proj
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _top_left(X, r):

@@ -17,22 +17,14 @@ from svdkit.optim import projection as proj
 from svdkit.optim.quant import fake_quantize
 from svdkit.optim.sst import SSTAdamW, SSTLinear
 
-from conftest import tiny_model
+from conftest import random_grads, tiny_model
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _grads(shape, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=g) for _ in range(n)]
 
 
 def _adam(state, g, key=""):
@@ -89,7 +81,7 @@ BASES = {
 @pytest.mark.parametrize("projection", list(BASES))
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
 def test_each_basis_follows_the_galore_update(projection, shape):
-    W0, grads = torch.randn(*shape), _grads(shape, 7, 1)
+    W0, grads = torch.randn(*shape), random_grads(shape, 7, 1)
     W = torch.nn.Parameter(W0.clone())
     opt = O.GaLoreAdamW([W], lr=0.05, rank=3, update_gap=3, scale=0.5, projection=projection)
     torch.testing.assert_close(_run(opt, W, grads), reference(W0, grads, 3, 0.5, 0.05, BASES[projection]), rtol=1e-4, atol=1e-5)
@@ -102,7 +94,7 @@ def test_random_basis_is_a_seeded_gaussian_q_and_changes_per_refresh():
 
 def test_q_galore_is_galore_with_quantized_projectors_lazy_gaps_and_quantized_weights():
     base = torch.randn(6, 3) @ torch.randn(3, 40)  # a stable subspace: the gap doubles
-    grads = [base + 0.05 * g for g in _grads((6, 40), 12, 2)]
+    grads = [base + 0.05 * g for g in random_grads((6, 40), 12, 2)]
     W0 = torch.randn(6, 40)
     W = torch.nn.Parameter(W0.clone())
     cfg = svdkit.config("q-galore", rank=3, update_gap=2, lazy_queue=2)
@@ -119,7 +111,7 @@ def test_q_galore_is_galore_with_quantized_projectors_lazy_gaps_and_quantized_we
 def test_online_subspace_descent_written_out():
     """SVD basis at the first step only; each step: Adam on R = Pᵀ X, W −= lr·scale·P N, then one Adam step on P
     for the online-PCA loss with lr = 5·lr (moments never reset)."""
-    W0, grads = torch.randn(6, 10), _grads((6, 10), 6, 3)
+    W0, grads = torch.randn(6, 10), random_grads((6, 10), 6, 3)
     W = torch.nn.Parameter(W0.clone())
     opt = O.build([W], svdkit.config("osd", rank=2), lr=0.02)
     got = _run(opt, W, grads)

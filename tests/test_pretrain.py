@@ -15,13 +15,7 @@ from svdkit.training import corpus
 from svdkit.training.pretrain import PretrainConfig, pretrain
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is several times faster than two on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_fortunes = pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir(),
                                     reason="Debian package fortunes not installed (apt-get install -y fortunes)")  # fmt: skip

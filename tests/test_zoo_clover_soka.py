@@ -247,9 +247,9 @@ VO_CFG = svdkit.CLOVER(head_dim=4, targets=("q_proj", "v_proj"))
 
 def test_clover_grouped_init_split_across_ranks(tmp_path):
     """Under torchrun each rank initializes every world-th chunk (groups included) and broadcasts it."""
-    from test_distributed import _free_port
+    from conftest import free_port
 
-    mp.start_processes(_vo_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_vo_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     expected = svdkit.adapt(attention_stack(), VO_CFG, progress=False).state_dict()
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
