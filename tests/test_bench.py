@@ -254,6 +254,33 @@ def test_claims_plan_uses_the_papers_configurations():
     assert only["claims"] == ["pissa-faster"]
 
 
+def test_bench_cell_trains_a_two_split_method_on_both_splits(monkeypatch):
+    """BiLoRA in the bench: P, Q steps on D₁ batches and λ steps on D₂ batches, as svdkit finetune trains it."""
+    from conftest import tiny_model
+    from svdkit.benchmarking import cell as cell_mod
+
+    model = tiny_model("llama")
+    cfg = svdkit.config("bilora", rank=2, inner_steps=2, split_fraction=0.25)
+    svdkit.adapt(model, cfg)
+    seen = []
+
+    def step(net, ddp, batches, loop, split, **kw):
+        seen.append((split, batches[0]))
+        loop.step += 1
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(cell_mod, "collate", lambda items, pad: tuple(i["input_ids"][0] for i in items))
+    monkeypatch.setattr(cell_mod, "train_step", step)
+    monkeypatch.setattr(cell_mod, "eval_loss", lambda *a: (1.0, math.e))
+    items = [{"input_ids": [i]} for i in range(40)]
+    out = cell_mod._train({"steps": 6, "batch_size": 2, "eval_every": 3}, {"lr": 1e-3, "seed": 0}, model,
+                          {"train": items, "val": []}, 0, cfg)  # fmt: skip
+    assert [s for s, _ in seen] == [1, 1, 2, 1, 1, 2]  # split_at: two inner steps, then one outer step
+    d1, d2 = [set().union(*(set(b) for s, b in seen if s == k)) for k in (1, 2)]
+    assert d1 and d2 and not d1 & d2  # disjoint shares of the training split
+    assert out["val_loss"] == 1.0
+
+
 # -- the whole bench, tiny -------------------------------------------------------------------------
 def _tiny_bench(model, out, **kw):
     options = dict(model=str(model), methods=["lora", "pissa"], rank=2, steps=2, eval_every=1, accuracy="generated",

@@ -3,13 +3,14 @@ parameter budgets, the layer-by-layer path and bad input."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
 import svdkit
-from svdkit.compression.allocation import budget, max_saving_rank, tail_energy, threshold_ranks
+from svdkit.compression.allocation import budget, capped_shares, max_saving_rank, tail_energy, threshold_ranks
 from svdkit.core.covariance import (cholesky_whitening, eigen_whitening, least_squares_left, uniform_rank,
                                     whitened_truncation)  # fmt: skip
 from tests.conftest import calibration_batches, tiny_model
@@ -85,6 +86,52 @@ def test_uniform_rank_and_threshold_allocation():
     assert ranks["m0"] >= ranks["m3"]  # the slowly decaying spectrum keeps more
 
 
+def test_capped_shares_water_fill_the_budget():
+    # proportional when nothing hits the cap: r = c·s with Σ r·size = target·Σ size
+    r = capped_shares([1.0, 2.0, 3.0], [10, 10, 20], 0.3, [0.99] * 3)
+    assert r[1] == pytest.approx(2 * r[0]) and r[2] == pytest.approx(3 * r[0])
+    assert sum(x * n for x, n in zip(r, [10, 10, 20])) == pytest.approx(0.3 * 40)
+    # one dominant score: capped, and its excess re-spent on the others in proportion
+    r = capped_shares([100.0, 1.0, 2.0], [10, 10, 10], 0.5, [0.9, 0.99, 0.99])
+    assert r[0] == 0.9 and r[2] == pytest.approx(2 * r[1])
+    assert sum(r) * 10 == pytest.approx(0.5 * 30)
+    assert capped_shares([1.0, 1.0], [5, 5], 0.995, [0.9, 0.8]) == [0.9, 0.8]  # infeasible: everything at the cap
+    with pytest.raises(ValueError, match="non-negative score"):
+        capped_shares([1.0, -1.0], [1, 1], 0.5, [0.9, 0.9])
+
+
+def test_svd_llm_v2_ratios_follow_the_loss_and_meet_each_group_budget():
+    # a group of four same-type matrices; block 0 loses almost nothing at the uniform rank → capped at rank 1
+    shapes = {f"model.layers.{i}.mlp.up_proj": (48, 64) for i in range(4)}
+    spectra = {n: torch.tensor([1.0] * 8 + [(1e-6 if i == 0 else 0.2 * (i + 1))] * 40, dtype=torch.float64)
+               for i, n in enumerate(shapes)}  # fmt: skip
+    ranks = svdkit.config("svd-llm-v2", ratio=0.4, score="relative").allocate(spectra, shapes)
+    names = list(shapes)
+    assert ranks[names[0]] == 1  # 0.99 would round to rank 0: the cap is rank 1's ratio, 1 − 112/3072
+    assert ranks[names[1]] <= ranks[names[2]] <= ranks[names[3]]  # more loss → less compression
+    kept = sum(k * 112 for k in ranks.values())
+    assert kept <= budget(shapes, 0.4) < kept + 4 * 112  # the group's budget met up to each rank's floor
+
+
+def test_svd_llm_v2_paper_score_is_one_over_log_loss():
+    from svdkit.compression.svd_llm_v2 import scores
+
+    got = scores({"a": 100.0, "b": 10.0, "c": 1.0}, "paper")
+    assert got == pytest.approx({"a": 1 / math.log(100), "b": 1 / math.log(10), "c": 1.0})  # L ≤ e → 1
+    rel = scores({"a": 3.0, "b": 1.0, "c": 0.0}, "relative")  # mean 4/3
+    assert rel["a"] == pytest.approx(1 / math.log1p(9 / 4)) and rel["c"] == pytest.approx(2 / math.log1p(3 / 4))
+    shapes = {f"model.layers.{i}.mlp.up_proj": (48, 64) for i in range(3)}
+    spectra = {n: torch.tensor([50.0] * 8 + [float(10 ** (i + 1))] * 40, dtype=torch.float64) for i, n in enumerate(shapes)}
+    cfg = svdkit.config("svd-llm-v2", ratio=0.3)
+    ranks, k = cfg.allocate(spectra, shapes), lambda r: uniform_rank(48, 64, r)
+    # equal shapes: R_i = |G|·R·s_i/Σs with L_i = √(Σ_{j>k_R} σ_j²)
+    L = [float(spectra[n][k(0.3):].square().sum().sqrt()) for n in shapes]
+    s = [1 / math.log(x) for x in L]
+    assert list(ranks.values()) == [k(3 * 0.3 * si / sum(s)) for si in s]
+    with pytest.raises(ValueError, match="score must be one of"):
+        svdkit.config("svd-llm-v2", ratio=0.3, score="log")
+
+
 @pytest.mark.parametrize("method", ["svd", "svd-llm", "fwsvd"])
 def test_uniform_methods_remove_exactly_the_formula(method):
     model = tiny_model("llama")
@@ -106,8 +153,7 @@ def test_allocated_methods_meet_the_budget_within_one_rank_step(method):
     report = svdkit.compress(model, cfg, calibration=calibration_batches() if cfg.uses_calibration else None, progress=False)
     steps = sum(sum(r.shape) for r in report.rows)
     assert abs(report.params_after - (1 - 0.4) * report.params_before) <= steps
-    if method != "svd-llm-v2":
-        assert report.params_after <= (1 - 0.4) * report.params_before
+    assert report.params_after <= (1 - 0.4) * report.params_before
 
 
 def test_layer_by_layer_equals_precomputed_statistics_and_holds_one_block():

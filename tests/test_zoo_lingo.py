@@ -13,7 +13,7 @@ from torch import nn
 import svdkit
 from svdkit.adapters import api
 from svdkit.adapters.rank_schedule import LayerState
-from svdkit.adapters.zoo.lingo import GAIN, reintroduce
+from svdkit.adapters.zoo.lingo import GAIN, flip_sides, reintroduce
 from svdkit.training import finetune as ft
 from svdkit.training import loop as train
 from svdkit.training.finetune import FinetuneConfig, Interrupted, finetune
@@ -87,10 +87,41 @@ def _reintroduced(history) -> int:
 def test_pruned_directions_come_back_in_lingo_more_than_in_adalora():
     """AdaLoRA can only bring a direction back by chance (a pruned triplet keeps the score its P, Q earned);
     Lingo gives ⌊0.5·b⌋ slots to pruned directions at every allocation before the final one."""
-    _, lingo = _run("lingo", deltaT=2, reintroduce=0.5, tfinal=2)
+    _, lingo = _run("lingo", deltaT=2, reintroduce=0.5, tfinal=2, sampling="gain")
     _, adalora = _run("adalora", deltaT=2, tfinal=2)
     assert _reintroduced(lingo) >= 2 and _reintroduced(lingo) > _reintroduced(adalora)
     assert int(lingo[-1].sum()) == 2  # the final allocation meets the budget b_T = target_r × layers
+
+
+def test_code_sampling_flips_each_side_of_the_threshold_with_probability_p():
+    keep = torch.tensor([True] * 50 + [False] * 50)
+    flips = torch.stack([flip_sides(keep, 0.1, GEN(s)) != keep for s in range(400)]).double()
+    assert abs(float(flips[:, :50].mean()) - 0.1) < 0.01 and abs(float(flips[:, 50:].mean()) - 0.1) < 0.01
+    assert abs(float(flips.mean(0).std())) < 0.05  # every entry alike, independently
+
+
+def test_code_sampling_zeroes_every_lambda_below_the_threshold_and_flips_sides(monkeypatch):
+    from svdkit.adapters.zoo import lingo as lingo_mod
+    from svdkit.core.linalg import layer_seed
+
+    cfg = svdkit.Lingo(rank=4, target_r=1, targets="v_proj", reintroduce=0.5, seed=3)
+    model = svdkit.adapt(tiny_model("llama"), cfg)
+    layers = [layer for _, layer in api.adapted_layers(model)]
+    lam = [torch.arange(1.0, 5.0) + 10 * i for i in range(len(layers))]
+    with torch.no_grad():
+        for layer, v in zip(layers, lam):
+            layer.core.value.copy_(v)
+    scores = {id(layer): v.clone() for layer, v in zip(layers, lam)}  # score ∝ λ: the threshold is known
+    monkeypatch.setattr(lingo_mod, "triplet_scores", lambda layer: scores[id(layer)])
+    flat = torch.cat(lam)
+    n_pruned = len(flat) - 3
+    by_score = flat > torch.kthvalue(flat, n_pruned).values
+    cfg._allocate(layers, n_pruned, step=4, final=False)
+    keep = torch.cat([LayerState(layer).keep.cpu() for layer in layers])
+    values = torch.cat([layer.core.value.detach().cpu() for layer in layers])
+    expected = flip_sides(by_score, 0.5, torch.Generator().manual_seed(layer_seed(3, "lingo-step-4")))
+    assert torch.equal(keep, expected) and not torch.equal(keep, by_score)  # seeded by (seed, step); p = 0.5 flips
+    assert (values[~by_score] == 0).all() and torch.equal(values[by_score], flat[by_score])  # below: λ reset to 0
 
 
 def test_gain_is_the_ema_of_the_lambda_gradient_magnitude():
@@ -108,7 +139,7 @@ def test_gain_is_the_ema_of_the_lambda_gradient_magnitude():
 def test_export_leaves_pruned_directions_out(tmp_path):
     import json
 
-    model, history = _run("lingo", steps=6, deltaT=1, reintroduce=0.3)
+    model, history = _run("lingo", steps=6, deltaT=1, reintroduce=0.3, sampling="gain")
     svdkit.export_peft(model, tmp_path / "peft")
     pattern = json.loads((tmp_path / "peft" / "adapter_config.json").read_text()).get("rank_pattern", {})
     ranks = {name: int(torch.count_nonzero(layer.core.value)) for name, layer in api.adapted_layers(model)}

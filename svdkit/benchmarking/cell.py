@@ -36,7 +36,7 @@ from svdkit.training.batches import batch_at, collate, eval_loss
 from svdkit.core.registry import Refused, config
 from svdkit.core.files import write_text
 from svdkit.core.models import load_model
-from svdkit.training.loop import make_optimizer, train_step
+from svdkit.training.loop import data_splits, make_optimizer, split_schedule, train_step
 from svdkit.benchmarking import arithmetic, bigbench
 from svdkit.adapters.saving import load_adapter, save_adapter
 from svdkit.benchmarking.diagnose import intruder_summary, malloc_trim, peak_kib, reset_peak, rss_kib
@@ -107,17 +107,20 @@ def _calibration(bench, method_cfg, model, inp, tok, cache: dict):
 def _train(bench, cell, model, inp, pad, method_cfg) -> dict:
     """Train ``steps`` steps, evaluating the validation loss every ``eval_every`` steps and at the end; the
     trainable tensors at the best validation checkpoint are restored before returning (checkpoint selection
-    on the validation split). ``snapshot_mib``: the size of that copy (left out of the reported peak)."""
+    on the validation split). ``snapshot_mib``: the size of that copy (left out of the reported peak).
+    Two-split methods (BiLoRA) alternate batches of their two shares of the training split, as finetune does."""
     steps, lr = bench["steps"], cell["lr"]
     loop = make_optimizer(model, lr, method_cfg.weight_decay, steps, max(1, round(0.1 * steps)))
     curve, times, losses, best = [], [], [], (math.inf, 0, None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     snapshot_mib = sum(p.numel() * p.element_size() for p in trainable) / 2**20
+    splits, schedule = data_splits(model, inp["train"], cell["seed"]), split_schedule(model)
     model.train()
     while loop.step < steps:
-        batch = collate(batch_at(inp["train"], loop.step, bench["batch_size"], cell["seed"]), pad)
+        split, index = next(schedule)
+        batch = collate(batch_at(splits[split], index, bench["batch_size"], cell["seed"]), pad)
         start = time.perf_counter()
-        row = train_step(model, model, [batch], loop, max_grad_norm=1.0, peak_lr=lr, total=steps)
+        row = train_step(model, model, [batch], loop, max_grad_norm=1.0, peak_lr=lr, total=steps, split=split)
         times.append(time.perf_counter() - start)
         losses.append(row["loss"])
         if not math.isfinite(row["loss"]):

@@ -74,6 +74,29 @@ def threshold_ranks(
     return choose(float(values[lo]))
 
 
+def capped_shares(scores: list[float], sizes: list[int], target: float, caps: list[float]) -> list[float]:
+    """Ratios r_i = min(cap_i, c·s_i) proportional to ``scores`` with Σ r_i·size_i = target·Σ size_i (water-filling).
+
+    c is found by fixing the capped set and solving for the rest until no new ratio exceeds its cap, so the
+    share a capped entry cannot take goes to the others instead of being lost. If even capping every entry
+    falls short, every ratio is its cap.
+    """
+    if not len(scores) == len(sizes) == len(caps) or any(s < 0 for s in scores) or not all(0 < c <= 1 for c in caps):
+        raise ValueError("capped_shares: one non-negative score and one cap in (0, 1] per size.")
+    want = target * sum(sizes)
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(scores)) if i not in capped]
+        mass = sum(scores[i] * sizes[i] for i in free)
+        if not free or mass <= 0:
+            return [caps[i] if i in capped else 0.0 for i in range(len(scores))]
+        c = (want - sum(caps[i] * sizes[i] for i in capped)) / mass
+        over = {i for i in free if c * scores[i] > caps[i]}
+        if not over:
+            return [caps[i] if i in capped else max(c * scores[i], 0.0) for i in range(len(scores))]
+        capped |= over
+
+
 def tail_energy(S: Tensor) -> Tensor:
     """[Σ_{i>k} σ_i² / Σ σ_i² for k = 0..len(S)]: the relative truncation loss of keeping k."""
     sq = S.double().square()

@@ -20,7 +20,7 @@ class InputCovariance(Statistic):
 
     scale ``"max"`` divides each sequence's rows by max(X_i) (the maximum, not max |X|) first, as CorDA does
     (https://arxiv.org/abs/2406.05223); ``"none"`` uses them as they are. Sums in float64.
-    Result: ``{"covariance": (n × n) float64, "rows": tokens seen}``.
+    Result: ``{"covariance": (n × n) float64, "rows": tokens seen, "sequences": N}``.
     """
 
     scale: str = "none"
@@ -50,7 +50,8 @@ class InputCovariance(Statistic):
         if 0 < state["rows"] < n:
             warnings.warn(f"{int(state['rows'])} calibration tokens for {n} input features: the covariance is "
                           "rank-deficient (it will be damped); pass more calibration samples.", stacklevel=2)  # fmt: skip
-        return {"covariance": state["sum"].div_(state["sequences"].clamp(min=1)), "rows": state["rows"]}  # in place
+        return {"covariance": state["sum"].div_(state["sequences"].clamp(min=1)), "rows": state["rows"],
+                "sequences": state["sequences"]}  # in place
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,21 @@
-"""Lingo: importance-based pruning of singular directions with stochastic re-introduction under a small budget.
+"""Lingo's adaptive rank sampling: AdaLoRA's budgeted pruning of singular directions, made stochastic.
 
     ΔW = s·P diag(λ) Q   (AdaLoRA's triplets; svdkit.adapters.rank_schedule)
 
-AdaLoRA prunes the lowest-scoring triplets (Pᵢ, λᵢ, Qᵢ) to a shrinking budget and never brings one back.
-Lingo keeps the same budget, but at each allocation reserves a small share of it for pruned directions drawn
-at random, weighted by how much each would lower the loss if it came back: a pruned λᵢ is 0, so its
-sensitivity |λᵢ·∂L/∂λᵢ| is 0, but the gradient ∂L/∂λᵢ = s·Pᵢᵀ G Qᵢᵀ (G = ∂L/∂W) is not, and |∂L/∂λᵢ| is the
-first-order rate at which the loss falls when λᵢ leaves 0.
+Zhan & Zhang, "Parameter-Efficient Fine-Tune on Open Pre-trained Transformers for Genomic Sequence", NeurIPS
+2023 GenBio workshop; code https://github.com/zhanglab-aim/LINGO (``peftnew/tuners/adalora.py``,
+``mask_to_budget``). AdaLoRA prunes the lowest-scoring triplets (Pᵢ, λᵢ, Qᵢ) to a shrinking budget and never
+brings one back. Two rules for bringing them back:
+
+* ``sampling="code"`` (default, the released code): at every allocation the score threshold splits the
+  triplets as AdaLoRA's does, then each one's side is flipped independently with probability p
+  (``reintroduce``, 0.1 in the code): a triplet below the threshold stays trainable with probability p
+  (re-introduced, its λᵢ reset to 0), one above it is pruned with probability p. Kept count in expectation:
+  b − p·b + p·(n − b), not exactly b.
+* ``sampling="gain"`` (ours): keeps the budget b exactly and gives ⌊p·b⌋ slots to pruned directions drawn
+  without replacement, weighted by how much each would lower the loss if it came back: a pruned λᵢ is 0, so
+  its sensitivity |λᵢ·∂L/∂λᵢ| is 0, but ∂L/∂λᵢ = s·Pᵢᵀ G Qᵢᵀ (G = ∂L/∂W) is not, and |∂L/∂λᵢ| is the
+  first-order rate at which the loss falls when λᵢ leaves 0.
 """
 
 from __future__ import annotations
@@ -32,6 +41,13 @@ def gains(layer) -> Tensor:
     """The re-introduction gain EMA ḡᵢ of every triplet of one layer (zeros before the first gradient)."""
     g = layer.method_state.get(GAIN)
     return torch.zeros_like(layer.core.value.detach()) if g is None else g
+
+
+def flip_sides(keep: Tensor, p: float, gen) -> Tensor:
+    """The released code's sampling: every entry of the by-score ``keep`` mask flips independently with
+    probability p (a pruned triplet is kept, a kept one pruned)."""
+    flips = torch.rand(keep.shape, generator=gen) < p
+    return keep.cpu() ^ flips
 
 
 def reintroduce(scores: Tensor, pruned: Tensor, gain: Tensor, keep_count: int, slots: int, gen) -> Tensor:
@@ -65,22 +81,25 @@ class Lingo(AdapterConfig):
     r₀(m + n + 1) trainable values per matrix; the sensitivity EMAs Ī, Ū of every entry and the triplet score
     Sᵢ; the cubic budget b(t) from b₀ = Σr₀ to b_T = target_r × layers between t_i and T − t_f; the
     orthogonality regularizer γ·½(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F) averaged over the layers; pruned λᵢ held at 0.
-    Lingo's own part, at each allocation (every ΔT steps before T − t_f) with budget b: keep the top
-    b − k triplets by Sᵢ and give k = ⌊``reintroduce``·b⌋ slots to triplets that were pruned, drawn without
-    replacement with probability ∝ ḡᵢ + mean(ḡ) over the candidates, where ḡᵢ ← β₁ḡᵢ + (1 − β₁)|∂L/∂λᵢ|
-    (``after_clipping``, with the clipped gradient). A re-introduced λᵢ restarts from 0, so the function
-    does not jump. The final allocation (t = T − t_f, budget b_T) is by score alone and fixed for the rest
-    of the run. The draw is seeded by (seed, step), so a resumed run draws the same; ḡ, Ī, Ū, the masks and
-    the phase are layer state that checkpoints save. Export: rank nnz(λ) per layer (pruned directions left out).
+    Lingo's own part, at each allocation (every ΔT steps up to T − t_f, the last one fixing the masks for
+    the rest of the run) with budget b, after the by-score split:
 
-    The paper's text was not available offline; this follows the issue's description ("importance-based
-    pruning of singular directions with stochastic re-introduction under a small budget; AdaLoRA prunes but
-    never re-introduces"). Our choices: AdaLoRA's parametrization, scores and budget; the gain |∂L/∂λᵢ| as the
-    re-introduction weight (the only first-order signal a pruned direction has); a mean-gain floor so the
-    draw stays stochastic; ``reintroduce`` = 0.1 of the budget; ΔT = 10 (a re-introduced direction gets ten
-    steps to earn its score; with ΔT = 1 it would be re-scored after one); t_i = t_f = 0, β₁ = β₂ = 0.85,
-    rank 12, target_r 8, γ = 0.1, lr 5e-4 (AdaLoRA's). Adam's moments of a pruned λᵢ keep the gradients it
-    received while held at 0 (they are not reset at re-introduction).
+    * ``sampling="code"`` (default; the released code's ``mask_to_budget``): each triplet's side of the
+      threshold flips independently with probability p = ``reintroduce`` (0.1 in the code) — a pruned one
+      stays trainable, a kept one is pruned — at the final allocation too (the code's final rank pattern is
+      the same sampled mask); every triplet below the threshold has its λᵢ set to 0, so a re-introduced one
+      restarts from 0 and the function does not jump.
+    * ``sampling="gain"`` (ours, budget-exact): keep the top b − k by Sᵢ and give k = ⌊p·b⌋ slots to triplets
+      that were pruned, drawn without replacement with probability ∝ ḡᵢ + mean(ḡ) over the candidates, where
+      ḡᵢ ← β₁ḡᵢ + (1 − β₁)|∂L/∂λᵢ| (``after_clipping``, with the clipped gradient; the only first-order
+      signal a pruned direction has; the mean-gain floor keeps the draw stochastic); the final allocation is
+      by score alone.
+
+    Draws are seeded by (seed, step), so a resumed run draws the same; ḡ, Ī, Ū, the masks and the phase are
+    layer state that checkpoints save. Export: rank nnz(λ) per layer (pruned directions left out). Other
+    choices: AdaLoRA's parametrization, scores and budget (the code is a fork of PEFT's AdaLoRA); ΔT = 10;
+    t_i = t_f = 0, β₁ = β₂ = 0.85, rank 12, target_r 8, γ = 0.1, lr 5e-4 (AdaLoRA's). Adam's moments of a
+    pruned λᵢ are not reset at re-introduction (nor in the code).
     """
 
     rank: int = 12
@@ -92,6 +111,7 @@ class Lingo(AdapterConfig):
     tinit: int = 0
     tfinal: int = 0
     deltaT: int = 10
+    sampling: str = "code"
 
     name = "lingo"
     lr = 5e-4
@@ -99,7 +119,7 @@ class Lingo(AdapterConfig):
     trains = "P, λ, Q; budgeted pruning + stochastic re-introduction"
     params = "r(m+n+1)"
     export_rank = "nnz(λ) per layer"
-    paper = "issue 18 (Lingo: adaptive rank sampling of singular directions)"
+    paper = "https://github.com/zhanglab-aim/LINGO (Zhan & Zhang, NeurIPS 2023 GenBio workshop)"
     prunes = True
     regularizer_mean = True
     core_type = Delta
@@ -117,6 +137,9 @@ class Lingo(AdapterConfig):
         check_number(self, "tinit (warm-up steps before pruning)", self.tinit, low=0, integer=True)
         check_number(self, "tfinal (final steps at the target budget)", self.tfinal, low=0, integer=True)
         check_number(self, "deltaT (steps between budget allocations)", self.deltaT, low=1, integer=True)
+        if self.sampling not in ("code", "gain"):
+            raise ValueError(f"Lingo: sampling must be 'code' (the released code's random flips) or 'gain' "
+                             f"(budget-exact, gain-weighted draw), got {self.sampling!r}.")
 
     def initialize(self, weights, names, calibration=None) -> Init:
         return triplet_init(self, weights, names)
@@ -140,10 +163,19 @@ class Lingo(AdapterConfig):
         scores = [triplet_scores(layer) for layer in layers]
         sizes = [s.numel() for s in scores]
         budget = sum(sizes) - max(0, n_pruned)
+        gen = torch.Generator().manual_seed(layer_seed(self.seed, f"lingo-step-{step}"))
+        if self.sampling == "code":
+            by_score = reintroduce(torch.cat(scores), torch.zeros(sum(sizes), dtype=torch.bool), torch.zeros(sum(sizes)),
+                                   budget, 0, gen)  # fmt: skip
+            keep = flip_sides(by_score, self.reintroduce, gen)
+            with torch.no_grad():
+                for layer, below, part in zip(layers, (~by_score).split(sizes), keep.split(sizes)):
+                    layer.core.value.masked_fill_(below.to(layer.core.value.device), 0.0)
+                    LayerState(layer).keep = part.to(layer.core.value.device)
+            return
         slots = 0 if final else int(self.reintroduce * budget)
         pruned = [LayerState(layer).keep for layer in layers]
         pruned = torch.cat([torch.zeros(n, dtype=torch.bool) if k is None else ~k.cpu() for k, n in zip(pruned, sizes)])
-        gen = torch.Generator().manual_seed(layer_seed(self.seed, f"lingo-step-{step}"))
         keep = reintroduce(torch.cat(scores), pruned, torch.cat([gains(layer) for layer in layers]), budget, slots, gen)
         for layer, part in zip(layers, keep.split(sizes)):
             LayerState(layer).keep = part.to(layer.core.value.device)
