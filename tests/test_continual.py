@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import svdkit
-from svdkit.adapters.api import adapted_layers
+from svdkit.adapters.api import adapted_layers, after_task
 from svdkit.adapters.zoo.sculpt import protected, protected_ranks
-from svdkit.core.linalg_project import complement_projection, protect, protected_basis
+from svdkit.core.linalg_project import complement_projection, protect, protected_basis, ratio_rank
 from svdkit.training.batches import collate
 from svdkit.training.continual import ContinualConfig, Task, continual, load_task, table
 from svdkit.training.loop import make_optimizer, train_step
@@ -45,6 +45,20 @@ def test_protected_basis_takes_the_energy_rank_and_protect_restores_it():
     delta = torch.randn(9, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     assert torch.allclose(protect(W + delta, U, s, V), W + complement_projection(delta, U, V), atol=1e-10)
     assert protected_basis(W, 0.0)[0].shape == (9, 0)
+
+
+def test_ratio_rule_protects_a_fixed_share_and_leaves_one_direction():
+    W = torch.randn(9, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert ratio_rank(9, 6, 0.5) == 3 and ratio_rank(9, 6, 0.34) == 2 and ratio_rank(9, 6, 1.0) == 5
+    U, s, V = protected_basis(W, 0.99, dtype=torch.float64, ratio=0.5)  # share ignored when ratio is set
+    assert U.shape == (9, 3) and torch.allclose(s, torch.linalg.svdvals(W)[:3])
+    model = svdkit.adapt(tiny_model("llama"), svdkit.Sculpt(ratio=0.25), progress=False)
+    after_task(model)
+    for name, layer in adapted_layers(model):
+        m, n = layer.core.value.shape
+        assert protected_ranks(model)[name] == min(int(0.25 * min(m, n)), min(m, n) - 1)
+    with pytest.raises(ValueError, match="ratio must be None"):
+        svdkit.Sculpt(ratio=1.5)
 
 
 def _items(seed: int, n: int, answer: list[int]) -> list[dict]:

@@ -42,8 +42,8 @@ class SVDLLMV2(CompressConfig):
        ``score="relative"``: s_i = 1/log(1 + L_i/mean_G L), scale-free but far more spread out (layer 0's
        attention gets ~12× the group's mean ratio on the default model).
        Measured on the default model (`benchmarks/compress.py`, 16 × 128 calibration tokens, single runs,
-       held-out perplexity; dense 54.86): at 20 % removed, uniform ratios (= SVD-LLM V1) 200.2, ``paper``
-       201.1, ``relative`` 487.8 (40 %: 2 689 vs V1's 486.9; 60 %: 142 462 vs 1 177). On this model the
+       held-out perplexity; dense 54.86) at 20 / 40 / 60 % removed: uniform ratios (= SVD-LLM V1) 200.2 /
+       486.9 / 1 177, ``paper`` 201.0 / 587.7 / 2 103, ``relative`` 487.8 / 2 689 / 142 462. On this model the
        allocation does not beat uniform ratios, and the relative score is much worse.
        R_i is capped at min(0.99, the ratio of rank 1) and what a capped matrix cannot remove goes to the rest
        of its group (water-filling, :func:`capped_shares`), so each group meets its budget up to the

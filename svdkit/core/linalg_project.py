@@ -11,6 +11,8 @@ of the high-rank subspace of each weight).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,10 +20,12 @@ from svdkit.core.linalg import fix_signs
 from svdkit.core.linalg_rank import energy_rank
 
 
-def protected_basis(W: Tensor, share: float, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+def protected_basis(W: Tensor, share: float, dtype: torch.dtype = torch.float32,
+                    ratio: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(U_k (m×k), σ_k (k,), V_k (n×k)) of W's exact thin SVD, k = the smallest rank whose squared singular
     values reach ``share`` of ‖W‖_F² (:func:`svdkit.core.linalg_rank.energy_rank`); ``share`` = 0 gives k = 0
-    (empty bases: nothing protected). Computed in ``dtype``; signs fixed (deterministic)."""
+    (empty bases: nothing protected). With ``ratio``, k = :func:`ratio_rank` instead (``share`` unused).
+    Computed in ``dtype``; signs fixed (deterministic)."""
     if W.ndim != 2:
         raise ValueError(f"protected_basis needs a matrix, got shape {tuple(W.shape)}.")
     if not 0.0 <= share <= 1.0:
@@ -31,8 +35,17 @@ def protected_basis(W: Tensor, share: float, dtype: torch.dtype = torch.float32)
         return W.new_zeros(m, 0, dtype=dtype), W.new_zeros(0, dtype=dtype), W.new_zeros(n, 0, dtype=dtype)
     U, S, Vh = torch.linalg.svd(W.detach().to(dtype), full_matrices=False)
     U, Vh = fix_signs(U, Vh)
-    k = energy_rank(S, share)
+    k = energy_rank(S, share) if ratio is None else ratio_rank(m, n, ratio)
     return U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous()
+
+
+def ratio_rank(m: int, n: int, ratio: float) -> int:
+    """k = min(⌊ratio·min(m, n)⌋, min(m, n) − 1): a fixed share of every matrix's directions protected, at
+    least one left to train (the rule of the authors' released OSFT trainer, ``rank_ratio``)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio_rank: ratio must be in [0, 1], got {ratio!r}.")
+    full = min(m, n)
+    return max(0, min(math.floor(full * ratio), full - 1))
 
 
 def complement_projection(X: Tensor, U: Tensor, V: Tensor) -> Tensor:

@@ -11,9 +11,13 @@ which leaves the protected triplets exactly singular triplets of the new weight 
 Choices (the paper leaves them open or we deviate, stated):
 - Parametrization: the full weight trains (as ``full``: C = W at init, frozen copy C₀, ΔW = C − C₀); the
   paper re-parametrizes the low-energy part as trainable factors. Same update space, simpler state.
-- Rank: k = the smallest rank holding ``energy`` (default 0.9) of ‖W‖_F² (``energy_rank``). The paper maps a
-  per-layer importance score (input/output cosine similarity) to a retained-rank ratio; that calibration
-  step is not implemented here. On the default model 0.9 keeps 12–68 % of the directions per matrix.
+- Rank: k = the smallest rank holding ``energy`` (default 0.9) of ‖W‖_F² (``energy_rank``); on the default
+  model 0.9 keeps 12–68 % of the directions per matrix. ``ratio=r`` instead protects a fixed share of every
+  matrix, k = min(⌊r·min(m, n)⌋, min(m, n) − 1) — the rule of the authors' released trainer
+  (Red-Hat-AI-Innovation-Team/mini_trainer, ``rank_ratio``, default 0.5 there). The paper's own rule maps a
+  per-layer importance (mean cosine similarity of a layer's inputs and outputs on the previous task's data)
+  to a ratio between a minimum and a target retention ratio, r_l = mrr + I_l (trr − mrr); it needs
+  calibration passes per task and is not implemented (the paper does not define the cosine for m ≠ n).
 - The first task is protected too (``protect_base=True``: the pre-trained weight's top-k directions, as the
   paper and PEFT's OSF do, so general abilities are kept); ``protect_base=False`` trains task 1 freely.
 - After each task (``svdkit.continual`` calls ``svdkit.after_task``) the basis is recomputed from the
@@ -59,6 +63,7 @@ class Sculpt(AdapterConfig):
     projected orthogonal (on both sides) to the weight's top singular directions holding ``energy`` of it."""
 
     energy: float = 0.9
+    ratio: float | None = None
     protect_base: bool = True
     project: str = "update"
 
@@ -77,6 +82,10 @@ class Sculpt(AdapterConfig):
         super().__post_init__()
         if isinstance(self.energy, bool) or not isinstance(self.energy, (int, float)) or not 0 <= self.energy < 1:
             raise ValueError(f"Sculpt: energy must be a number in [0, 1) (the share of ‖W‖² protected), got {self.energy!r}.")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float))
+                                       or not 0 <= self.ratio <= 1):
+            raise ValueError(f"Sculpt: ratio must be None (use energy) or a number in [0, 1] (the share of each "
+                             f"matrix's directions protected), got {self.ratio!r}.")
         if not isinstance(self.protect_base, bool):
             raise ValueError(f"Sculpt: protect_base must be True or False, got {self.protect_base!r}.")
         if self.project not in PROJECTIONS:
@@ -116,7 +125,7 @@ class Sculpt(AdapterConfig):
         """Recompute each layer's protected basis from its current weight (C, which is W + ΔW)."""
         with torch.no_grad():
             for layer in layers.values():
-                U, S, V = protected_basis(layer.core.value, self.energy, dtype=self.dtype)
+                U, S, V = protected_basis(layer.core.value, self.energy, dtype=self.dtype, ratio=self.ratio)
                 for key, t in zip(KEYS, (U, S, V)):
                     layer.method_state.set(key, t.to(layer.core.value.device))
 
