@@ -98,7 +98,7 @@ def test_gradient_spectrum_and_nuclear_norm_match_their_formulas():
     Rn = R - R.mean(0)
     Rn = Rn / Rn.norm(dim=1, keepdim=True)
     approx, exact = matrix_nuclear_norm(R)
-    assert exact == pytest.approx(float(torch.linalg.svdvals(Rn).sum()) / 7, rel=1e-9)
+    assert exact == pytest.approx(float(torch.linalg.svdvals(Rn).sum()) / 7, rel=1e-6)  # fp32 round-off differs across CPUs
     assert approx == pytest.approx(float(Rn.norm(dim=0).sort(descending=True).values[:7].sum()) / 7, rel=1e-9)
     score = nuclear_norm_score(model, batches)
     assert score["sequences"] == 4 and 0 < score["mnn_exact"] <= score["mnn"] * 1.0001 + 1.0
