@@ -19,7 +19,8 @@ Each family's four experts are merged by every merge method (LoRE, base-free, ge
 checkpoints and no base). Per task the score is the fraction of the expert's improvement the merge keeps,
 (L_base − L_merged) / (L_base − L_expert): 1 = as good as the task's own expert, 0 = no better than the
 base; "avg" is the mean over tasks. Two protocols: the data-free default (the config's defaults, α = 1),
-and a scale s of the merged task vector chosen on the validation half from {0.5, 1, 2} (for every method but
+and a scale s of the merged task vector chosen on the validation half from {0.5, 1, 2}, extended by doubling
+(halving) while the best s is the largest (smallest) scored, within [0.125, 32] (for every method but
 cart and lore s multiplies α exactly; for those it scales their whole merged task vector θ − θ₀), reported
 on the test half. Merge time and memory: one in-memory merge per method (the base model already loaded);
 memory = the peak private memory (RssAnon, sampled every 20 ms) above what the process held before.
@@ -50,7 +51,8 @@ from common import log, malloc_trim, proc_status_kib, provenance, reset_hwm, wri
 
 import torch  # noqa: E402
 
-SCALES = (0.5, 1.0, 2.0)
+SCALES = (0.5, 1.0, 2.0)  # the starting grid of s; extended by doubling / halving past an edge …
+SCALE_CAP = (0.125, 32.0)  # … up to these bounds ("capped" in the table when the best s is one of them)
 TASKS = ("plus", "times", "chat", "lee")
 FAMILIES = {"lora": {"method": "lora", "rank": 8, "lr": 5e-4, "input": "peft"},
             "full": {"method": "full", "rank": None, "lr": 1e-4, "input": "adapter"}}  # fmt: skip
@@ -183,10 +185,12 @@ def run_family(family: str, work: Path, sources: dict, args, rows: dict, base, t
 
         val = {1.0: normalized(losses(merged, sets, 0, pad_id), base_loss[0], expert_loss[0])}
         default = normalized(losses(merged, sets, 1, pad_id), base_loss[1], expert_loss[1])
-        for s in SCALES:
+        s = SCALES[0]
+        while s is not None:
             if s not in val:
                 at(s)
                 val[s] = normalized(losses(merged, sets, 0, pad_id), base_loss[0], expert_loss[0])
+            s = next_scale({k: v["avg"] for k, v in val.items()})
         best = max(val, key=lambda s: val[s]["avg"])
         at(best)
         tuned = default if best == 1.0 else normalized(losses(merged, sets, 1, pad_id), base_loss[1], expert_loss[1])
@@ -198,6 +202,20 @@ def run_family(family: str, work: Path, sources: dict, args, rows: dict, base, t
     return rows
 
 
+def next_scale(scores: dict[float, float]) -> float | None:
+    """The next s to evaluate: the first of SCALES not yet scored; then, while the best s is the largest
+    (smallest) one scored, twice (half) that, within SCALE_CAP; None when the best s is interior or capped."""
+    todo = [s for s in SCALES if s not in scores]
+    if todo:
+        return todo[0]
+    best, lo, hi = max(scores, key=scores.get), min(scores), max(scores)
+    if best == hi and hi * 2 <= SCALE_CAP[1]:
+        return hi * 2
+    if best == lo and lo / 2 >= SCALE_CAP[0]:
+        return lo / 2
+    return None
+
+
 def save_rows(args, rows: dict) -> None:
     path = Path(args.work) / "rows.json"
     tmp = path.with_suffix(".tmp")
@@ -206,15 +224,20 @@ def save_rows(args, rows: dict) -> None:
 
 
 def stamp_of(args) -> dict:
-    return {"steps": args.steps, "examples": args.examples, "seed": args.seed, "scales": list(SCALES), "targets": TARGETS}
+    return {"steps": args.steps, "examples": args.examples, "seed": args.seed, "scales": list(SCALES),
+            "cap": list(SCALE_CAP), "targets": TARGETS}
 
 
 def load_rows(args) -> dict:
     path = Path(args.work) / "rows.json"
     if args.fresh or not path.is_file():
         return {}
-    saved = json.loads(path.read_text())
-    return saved["rows"] if saved.get("stamp") == stamp_of(args) else {}
+    saved, stamp = json.loads(path.read_text()), stamp_of(args)
+    old = saved.get("stamp", {})
+    if {k: v for k, v in old.items() if k != "cap"} != {k: v for k, v in stamp.items() if k != "cap"}:
+        return {}
+    # a changed cap only changes the rows whose s was capped (an interior s stops the extension)
+    return {k: v for k, v in saved["rows"].items() if old.get("cap") == stamp["cap"] or v.get("scale") not in old.get("cap", ())}
 
 
 ORDER = ("tsv-m", "iso-cts", "ties", "task-arithmetic")
@@ -250,7 +273,7 @@ def family_table(family: str, rows: dict) -> list[str]:
     missing = [n for n in svdkit.methods("merge") if n not in methods and not getattr(svdkit.method_class(n), "delta_compression", False)]
     for name, r in sorted(methods.items(), key=lambda kv: -kv[1]["default"]["avg"]):
         d, t = r["default"], r["tuned"]
-        lines.append(f"| {name} | " + " | ".join(f"{d[x]:.2f}" for x in TASKS) + f" | **{d['avg']:.3f}** | {r['scale']:g} | "
+        lines.append(f"| {name} | " + " | ".join(f"{d[x]:.2f}" for x in TASKS) + f" | **{d['avg']:.3f}** | {scale_cell(r)} | "
                      + " | ".join(f"{t[x]:.2f}" for x in TASKS) + f" | **{t['avg']:.3f}** | {r['seconds']:.1f} | {r['memory_mib']:.0f} |")  # fmt: skip
     if missing:
         lines.append(f"\nNot run (stopped for time): {', '.join(missing)}.")
@@ -260,6 +283,13 @@ def family_table(family: str, rows: dict) -> list[str]:
             lines.append(f"\nPapers' ordering TSV-M ≈ Iso-CTS > TIES > task arithmetic, {family} experts, {label}: "
                          f"**{ordering(s)}** ({', '.join(f'{k} {v:.3f}' for k, v in s.items())}).")  # fmt: skip
     return lines
+
+
+def scale_cell(row: dict) -> str:
+    """The val-chosen s, with ' (capped)' when it is a bound of SCALE_CAP, and the grid it was chosen from."""
+    grid = sorted(float(k) for k in row["val"])
+    capped = " capped" if row["scale"] in SCALE_CAP else ""
+    return f"{row['scale']:g}{capped} ({'/'.join(f'{g:g}' for g in grid)})"
 
 
 def memory_probe(mode: str, work: Path) -> None:
@@ -346,7 +376,9 @@ def write(args, rows, families, memory) -> None:
         f"single run, expert seed {args.seed}: {args.steps} fine-tuning steps per expert (batch 4, ≤ {MAX_LENGTH} tokens), "
         f"q/v projections, {args.examples} validation + {args.examples} test examples per task"), "",
         "Score = fraction of the task expert's held-out loss improvement the merge keeps, (L_base − L_merged)/(L_base − L_expert), "
-        f"on the test half; s = the scale of the merged task vector chosen on the validation half from {{{', '.join(f'{s:g}' for s in SCALES)}}}. "
+        f"on the test half; s = the scale of the merged task vector chosen on the validation half from {{{', '.join(f'{s:g}' for s in SCALES)}}}, "
+        f"extended by doubling (halving) while the best s is the grid's largest (smallest), within [{SCALE_CAP[0]:g}, {SCALE_CAP[1]:g}]; "
+        "the s column lists the grid each method was scored on. "
         f"Ordering verdict rule: 'holds' if TSV-M and Iso-CTS each beat TIES and TIES beats task arithmetic by ≥ {MARGIN} "
         f"in avg score, 'does not hold' if one of these is reversed by ≥ {MARGIN}, else 'inconclusive'.", ""]  # fmt: skip
     for family in families:

@@ -172,14 +172,15 @@ def test_report_selects_on_validation_reports_test_and_declares_the_winner_by_ac
             _result("pissa", 1e-4, 0, 1.7, 1.75, acc=0.25), _result("pissa", 3e-4, 0, 1.75, acc=0.5),
             _result("nlora", 3e-4, 0, 1.0, 3.5, acc=0.9),  # lowest validation loss, test loss above the base's
             _result("full", 1e-4, 0, 1.5, params=9999, acc=0.9),
-            _result("clip-svd", 3e-4, 0, 2.5), _result("vectorfit", 3e-4, 0, 2.5),
+            _result("clip-svd", 3e-4, 0, 2.5), _result("vectorfit", 3e-4, 0, 2.501),  # declared pair: within 1 %
+            _result("soma", 3e-4, 0, 2.6), _result("milora", 3e-4, 0, 2.601),  # undeclared: exact equality only
             _result("lora", 3e-4, 1, 1.85, 1.95, acc=0.28)]  # fmt: skip
-    plan, results = _plan_of(rows, ("lora", "pissa", "nlora", "full", "clip-svd", "vectorfit"))
+    plan, results = _plan_of(rows, ("lora", "pissa", "nlora", "full", "clip-svd", "vectorfit", "soma", "milora"))
     s = report.summarize(plan, results)
     assert s["best"]["pissa"]["lr"] == 1e-4  # chosen on validation loss (1.70), not on accuracy
     assert s["winner"] == "lora"  # pissa's chosen run: 25 % < lora's 30 %; nlora is worse than the base; full: reference
     assert s["runner_up"] == "pissa" and s["separated"] is False  # 64 questions: 25 % lies inside lora's interval
-    assert ("clip-svd", "vectorfit") in s["identical"]
+    assert s["identical"] == [("clip-svd", "vectorfit")]
     assert s["spreads"]["lora"]["seeds"] == 2 and s["spreads"]["lora"]["test_loss"] == pytest.approx(math.sqrt(0.00125))
     errors = {"eva/lr5.00e-04/s0": {"error": "RuntimeError: out of memory", "cell": {}}}
     results["x"] = {**_result("svft", 1e-4, 0, 1.0), "skipped": "Refused: svd_rank too large"}

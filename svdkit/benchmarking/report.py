@@ -45,13 +45,22 @@ def ranking(results: dict, best: dict) -> list[str]:
     return sorted((n for n, b in best.items() if n != "full" and math.isfinite(b["val_loss"])), key=key)
 
 
+SAME_RTOL = 1e-2  # two implementations of one computation differ in the last bits, amplified by training
+
+
 def identical(best: dict) -> list[tuple[str, str]]:
-    """Pairs of methods whose chosen runs computed the same thing (equal validation curves and counts)."""
+    """Pairs of methods whose chosen runs computed the same thing: equal LR, parameter count and validation
+    curve; exactly equal for any pair, or within SAME_RTOL at every point for a pair in SAME_COMPUTATION
+    (their two code paths round differently: VectorFit vs CLIP-SVD differed by 2e-3 nats after 5 steps at
+    lr 0.05 in the default bench)."""
     names, pairs = sorted(best), []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             ra, rb = best[a]["result"], best[b]["result"]
-            if ra["params"] == rb["params"] and ra["curve"] == rb["curve"] and best[a]["lr"] == best[b]["lr"]:
+            if ra["params"] != rb["params"] or best[a]["lr"] != best[b]["lr"] or len(ra["curve"]) != len(rb["curve"]):
+                continue
+            rtol = SAME_RTOL if (a, b) in SAME_COMPUTATION else 0.0
+            if all(sa == sb and abs(va - vb) <= rtol * abs(vb) for (sa, va), (sb, vb) in zip(ra["curve"], rb["curve"])):
                 pairs.append((a, b))
     return pairs
 
