@@ -16,9 +16,9 @@ different offset; labels = input_ids (the model's own shifted cross-entropy). ``
                           replaces W; no A₀, B₀ in the forward)                   │
   5. PEFT LoRA r16        peft.get_peft_model(model, LoraConfig(r=16, lora_alpha=16, │ + zero_grad(
                           target_modules=<the 7 block linears>, lora_dropout=0))  ┘ set_to_none=True)
-  with ``--unfused``, also svdkit LoRA and PiSSA with input fusion off (``svdkit.fuse_shared_inputs(model,
-  False)``: q/k/v and gate/up each computed alone), to show what the fusion saves side by side (step
-  time only; their memory rows read nan).
+  with ``--fused``, also svdkit LoRA and PiSSA with input fusion on (``svdkit.fuse_shared_inputs(model,
+  True)``: q/k/v and gate/up each share one GEMM per direction; the default is off), to show what the
+  fusion saves side by side (step time only; their memory rows read nan).
 
 Step time: every variant lives on its own ``copy.deepcopy`` of the pristine model and gets ``--warmup``
 untimed steps; then ``--rounds`` rounds run the variants round-robin, ``--steps`` timed steps each
@@ -48,7 +48,7 @@ Targets: svdkit LoRA ≤ 1.05× floor step time; svdkit PiSSA ≤ 1.10× floor; 
 LoRA's; merged forward ≤ 1.01× original.
 
 Run:  .venv/bin/python benchmarks/train_overhead.py [--steps 5] [--rounds 3] [--warmup 2] [--rank 16]
-          [--batch 4] [--seq 128] [--mem-steps 3] [--unfused] [--out benchmarks/results/train_overhead.md]
+          [--batch 4] [--seq 128] [--mem-steps 3] [--fused] [--out benchmarks/results/train_overhead.md]
 """
 
 from __future__ import annotations
@@ -77,15 +77,15 @@ FLOOR = "frozen base (floor)"
 SVD_LORA = "svdkit LoRA r{r}"
 SVD_PISSA = "svdkit PiSSA r{r}"
 SVD_PISSA_FOLD = "svdkit PiSSA r{r} fold=True"
-UNFUSED = " unfused"  # suffix: the same variant with input fusion off
+FUSED = " fused"  # suffix: the same variant with input fusion on (svdkit's default is off)
 PEFT_LORA = "PEFT LoRA r{r}"
 
 # -- variants: each returns (model, optimizer or None) on the given (already copied) model ----------
 def build(name: str, model, rank: int, lr: float):
     r = rank
-    if name.endswith(UNFUSED):
-        wrapped, opt = build(name[:-len(UNFUSED)], model, rank, lr)
-        svdkit.fuse_shared_inputs(wrapped, False)
+    if name.endswith(FUSED):
+        wrapped, opt = build(name[:-len(FUSED)], model, rank, lr)
+        svdkit.fuse_shared_inputs(wrapped, True)
         return wrapped, opt
     if name == FLOOR:
         for p in model.parameters():
@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--mem-steps", type=int, default=3,
                         help="training steps after warm-up in each memory subprocess (default 3)")
     parser.add_argument("--out", default="benchmarks/results/train_overhead.md", help="markdown report path")
-    parser.add_argument("--unfused", action="store_true",
-                        help="also time svdkit LoRA and PiSSA with input fusion off (q/k/v, gate/up alone)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time svdkit LoRA and PiSSA with input fusion on (q/k/v, gate/up share GEMMs)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: the memory subprocess's variant
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,13 +189,13 @@ def main() -> None:
     names = [FLOOR, SVD_LORA.format(r=r), SVD_PISSA.format(r=r), SVD_PISSA_FOLD.format(r=r), PEFT_LORA.format(r=r)]
     svd_names = names[1:4]
     peft_name = names[4]
-    if args.unfused:
-        names += [SVD_LORA.format(r=r) + UNFUSED, SVD_PISSA.format(r=r) + UNFUSED]
+    if args.fused:
+        names += [SVD_LORA.format(r=r) + FUSED, SVD_PISSA.format(r=r) + FUSED]
 
     # 1. peak memory, one fresh subprocess per variant (before any model is resident here)
     mem = {}
     for name in names:
-        if name.endswith(UNFUSED):  # fusion saves no more tensors than it replaces (tests/test_fusion.py)
+        if name.endswith(FUSED):  # fusion saves no more tensors than it replaces (tests/test_fusion.py)
             mem[name] = {k: float("nan") for k in ("build_peak_kib", "static_kib", "peak_kib")}
             mem[name].update(hwm_reset=True, trimmed=True)
             continue
