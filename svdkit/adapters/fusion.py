@@ -25,15 +25,14 @@ DataParallel replicas are not members). A group whose precomputed outputs go unu
 (a member that is skipped or fed a different tensor) is dissolved for good, so a wrong group costs at
 most three wasted member computations.
 
-Switch: ``svdkit.fuse_shared_inputs(model, True)`` (or ``SpectralLinear.fuse_inputs``). Default OFF,
-measured: on one Llama block's q/k/v/gate/up at the default model's shapes it halved LoRA r16's overhead
-over the frozen layers (CPU time), but the whole training step gains little (quiet Intel Xeon, single run
-of benchmarks/train_overhead.py --fused: LoRA 1.111× vs 1.133× the floor, PiSSA 1.145× vs 1.165×, i.e. ~2 %,
-where two identical unfused variants differed by 0.6 %; BENCHMARKS.md), and because the first forward only
-observes, a run resumed from a checkpoint computes its
-first step unfused where the uninterrupted run was fused: last-bit differences that break the bit-exact
-resume svdkit promises. It never needs more memory (the stacked factors are r×n-sized; the saved h is the
-members' h side by side). OFF is the per-layer computation (bit-for-bit the behaviour before fusion).
+Switch: ``svdkit.fuse_shared_inputs(model, True)`` (or ``SpectralLinear.fuse_inputs``). Default OFF: the
+whole training step gains little (quiet Intel Xeon, single run of ``benchmarks/train_overhead.py --fused``:
+LoRA r16 1.111× vs 1.133× the frozen floor, PiSSA 1.145× vs 1.165×, i.e. ~2 %, where two identical
+variants differed by 0.6 %; BENCHMARKS.md), and because the first forward only observes, a run resumed
+from a checkpoint computes its first step unfused where the uninterrupted run was fused: last-bit
+differences that break the bit-exact resume svdkit promises. It never needs more memory (the stacked
+factors are r×n-sized; the saved h is the members' h side by side). OFF is the per-layer computation
+(bit-for-bit the behaviour before fusion).
 """
 
 from __future__ import annotations
